@@ -94,6 +94,28 @@ async def rater(port, campaign_id, token, deadline, stats):
             stats["errors"].append((status, body))
 
 
+def cpu_seconds(pids) -> float:
+    """User + system CPU seconds used so far by these processes (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(server) -> tuple[list[int], list[int]]:
+    """gunicorn's master and workers, and the PostgreSQL backends serving the benchmark's
+    database: the CPU they use per label is the figure that load from elsewhere cannot skew."""
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc",
+                          f"SELECT pid FROM pg_stat_activity WHERE datname = '{DB_NAME}'"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return [server.pid, *map(int, children)], list(map(int, out))
+
+
 def pct(values, q):
     values = sorted(values)
     return 1000 * values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -138,6 +160,8 @@ def main():
 
         asyncio.run(warm_up())
         stats = {"next": [], "submit": [], "acked": set(), "errors": []}
+        web_pids, db_pids = server_pids(server)
+        web_cpu0, db_cpu0 = cpu_seconds(web_pids), cpu_seconds(db_pids)
         cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         deadline = time.monotonic() + args.seconds
 
@@ -148,6 +172,7 @@ def main():
         asyncio.run(run_all())
         wall = time.perf_counter() - t0
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        web_cpu, db_cpu = cpu_seconds(web_pids) - web_cpu0, cpu_seconds(db_pids) - db_cpu0
     finally:
         server.terminate()
         server.wait()
@@ -157,6 +182,9 @@ def main():
     p99 = max(pct(stats["next"], 0.99), pct(stats["submit"], 0.99))
     print(f"raters={args.raters} seconds={wall:.1f} labels={len(stats['acked'])} "
           f"errors={len(stats['errors'])} client_cpu={client_cpu:.0%} of one core")
+    n = max(1, len(stats["acked"]))
+    print(f"server CPU per label: gunicorn {1000 * web_cpu / n:.1f}ms + PostgreSQL "
+          f"{1000 * db_cpu / n:.1f}ms ({os.cpu_count()} cores)")
     print(f"next-task p50={pct(stats['next'], .5):.1f}ms p99={pct(stats['next'], .99):.1f}ms; "
           f"submit p50={pct(stats['submit'], .5):.1f}ms p99={pct(stats['submit'], .99):.1f}ms")
     if stats["errors"]:

@@ -23,10 +23,10 @@ def has_role(user, role: str) -> bool:
         return False
     if user.is_superuser:
         return True
-    names = getattr(user, "_role_names", None)
+    names = getattr(user, "group_names", None)  # set by ApiToken.objects.authenticate
     if names is None:
         names = set(user.groups.values_list("name", flat=True))
-        user._role_names = names  # one query per request, not one per check
+        user.group_names = names  # one query per request, not one per check
     if role == RESEARCHER:
         return bool(names & {RESEARCHER, ADMIN})
     if role == RATER:

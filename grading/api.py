@@ -41,7 +41,7 @@ def next_task(request, campaign_id: int):
         return _error(exc)
     if assignment is None:
         return JsonResponse({"task": None})
-    texts = dict(assignment.item.responses.values_list("position", "text"))
+    texts = {r.position: r.text for r in assignment.item.responses.all()}
     left = assignment.left_position
     task = {"id": assignment.pk, "prompt": assignment.item.prompt, "kind": campaign.kind,
             "expires_at": assignment.expires_at.isoformat()}

@@ -171,10 +171,13 @@ class Assignment(models.Model):
     LEASED, SUBMITTED, SKIPPED, EXPIRED = "leased", "submitted", "skipped", "expired"
     STATUS_CHOICES = [(s, s) for s in (LEASED, SUBMITTED, SKIPPED, EXPIRED)]
 
-    item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="assignments")
+    # No single-column indexes on item and rater: the (item, rater) constraint and
+    # assignment_rater_idx lead with them, and every index costs a write per claim and submit.
+    item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="assignments",
+                             db_index=False)
     campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="+")
     rater = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
-                              related_name="grading_assignments")
+                              related_name="grading_assignments", db_index=False)
     status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=LEASED)
     left_position = models.PositiveSmallIntegerField(default=0)  # response shown on the left
     leased_at = models.DateTimeField(default=timezone.now)
@@ -217,7 +220,9 @@ class Label(models.Model):
 
     assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="label")
     item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="labels")
-    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="labels")
+    # label_campaign_rater_idx leads with the campaign.
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="labels",
+                                 db_index=False)
     rater = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
                               related_name="grading_labels")
     preferred = models.ForeignKey(Response, null=True, blank=True, on_delete=models.CASCADE,

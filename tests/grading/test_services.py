@@ -15,6 +15,15 @@ from tests.factories import UserFactory, make_campaign, make_items
 pytestmark = pytest.mark.django_db
 
 
+@pytest.fixture(autouse=True, params=["one-statement", "orm"])
+def write_path(request, monkeypatch):
+    """Every behaviour holds on both write paths: PostgreSQL's single statements and the ORM
+    transactions that SQLite, gold draws and the fallbacks use."""
+    if request.param == "orm":
+        monkeypatch.setattr("grading.services._fast_path", lambda: False)
+    return request.param
+
+
 def _raters(n):
     return [UserFactory(username=f"r{i}") for i in range(n)]
 
