@@ -11,8 +11,12 @@ learning rate (AdamW, constant, no clipping, no weight decay) and number of step
 embedding is frozen on both sides (EvalHub freezes it; TRL is given a model with it frozen).
 
 What differs is how a pair is run: TRL concatenates prompt+chosen and prompt+rejected and
-pads them into a 2B-row batch, so each prompt is computed twice; EvalHub packs the prompt once
-followed by both responses with a mask that keeps the responses apart. Held-out accuracy is
+pads them into a 2B-row batch, so each prompt is computed twice; EvalHub computes the prompt
+once, runs the linear layers over real tokens only (no padding), does attention as prompt-causal
+plus response-to-(prompt, itself) blocks instead of under a dense mask, and in the last block
+computes only the keys/values beyond the two pooled tokens (`models.reward_backbones`): fp32
+throughout, equal to separate passes up to rounding (tests/models/test_reward.py).
+EvalHub's timed training also computes the held-out loss after every epoch. Held-out accuracy is
 measured independently on each side's own model (HF forward for TRL, `evaluate_reward_model`
 for EvalHub) on the same held-out prompts.
 
@@ -24,6 +28,7 @@ Needs (benchmark only): trl>=1,<2 (pulls datasets).
 """
 
 from __future__ import annotations
+
 import sys as _sys
 from pathlib import Path as _Path
 
@@ -37,12 +42,12 @@ import time
 import torch
 
 from models.afm import AFM, AFMConfig
-from models.reward_backbones import DecoderBackbone
 from models.reward import (
     Preference,
     evaluate_reward_model,
     train_reward_model,
 )
+from models.reward_backbones import DecoderBackbone
 
 WORDS = [
     "river",

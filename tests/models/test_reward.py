@@ -21,7 +21,6 @@ import torch
 from scipy.stats import spearmanr
 
 from models.afm import AFM, config_from_preset
-from models.reward_backbones import DecoderBackbone, EmbeddingBackbone, pack_shared_prefix
 from models.reward import (
     DEFAULT_SOFT_TARGETS,
     Preference,
@@ -37,6 +36,7 @@ from models.reward import (
     split_by_prompt,
     train_reward_model,
 )
+from models.reward_backbones import DecoderBackbone, EmbeddingBackbone, pack_shared_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -333,22 +333,64 @@ def test_decoder_save_and_load_keep_the_trained_blocks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- decoder
-def test_shared_prefix_packing_matches_separate_passes():
-    backbone = tiny_decoder()
-    cases = [("hello there", ["abc", "xyz12", ""]), ("q", ["a longer response", "b", "c"])]
-    feats = backbone.encode([p for p, _ in cases], [rs for _, rs in cases])  # (2, 3, dim)
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"qk_norm": False, "n_kv_heads": 4}],  # qk-norm with GQA; plain Llama without GQA
+    ids=["qk-norm-gqa", "llama-mha"],
+)
+def test_shared_prefix_encoding_matches_separate_passes_in_features_and_gradients(overrides):
+    model = AFM(config_from_preset("tiny", **overrides)).init_weights(seed=0)
+    backbone = DecoderBackbone(model, ByteTokenizer(), trainable_layers=2)  # everything trains
+    cases = [
+        ("hello there", ["abc", "xyz12", ""]),
+        ("q", ["a longer response", "b", "c"]),
+        ("", ["only a response", "x", "yz"]),
+    ]
+    weights = torch.randn(3, 3, model.cfg.dim, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    feats = backbone.encode([p for p, _ in cases], [rs for _, rs in cases])  # (3, 3, dim)
+    packed = torch.autograd.grad((feats * weights).sum(), params)
+    separate = torch.zeros_like(feats)
     for b, (prompt, responses) in enumerate(cases):
         for k, response in enumerate(responses):
             ids = torch.tensor([list(prompt.encode()) + list(response.encode()) + [1]])
-            torch.testing.assert_close(feats[b, k], backbone.model.trunk(ids)[0, -1])
+            separate[b, k] = model.trunk(ids)[0, -1]  # AFM's own blocks, causal mask
+    reference = torch.autograd.grad((separate * weights).sum(), params)
+
+    torch.testing.assert_close(feats, separate)
+    for g_packed, g_ref in zip(packed, reference):
+        # fp32 sums in another order: both paths are ~3e-7 of the largest entry from float64
+        torch.testing.assert_close(g_packed, g_ref, atol=5e-6 * g_ref.abs().max(), rtol=0)
+
+
+def test_frozen_blocks_give_the_same_features_and_get_no_gradient():
+    prompts, responses = ["hello there", "q"], [["abc", "xyz12"], ["b", ""]]
+    frozen, full = tiny_decoder(trainable_layers=1), tiny_decoder(trainable_layers=2)
+    feats = frozen.encode(prompts, responses)
+    torch.testing.assert_close(feats, full.encode(prompts, responses))
+    feats.sum().backward()
+    grads = {n for n, p in frozen.model.named_parameters() if p.grad is not None}
+    assert grads and all(n.startswith(("blocks.1.", "norm.")) for n in grads), grads
 
 
 def test_packing_lets_responses_see_the_prompt_and_themselves_only():
-    tokens, positions, mask, last = pack_shared_prefix([[5, 6]], [[[7, 8], [9]]], pad_id=0)
-    assert tokens.tolist() == [[5, 6, 7, 8, 9]] and positions.tolist() == [[0, 1, 2, 3, 2]]
-    assert last.tolist() == [[3, 4]]
-    seen = (mask[0, 0] == 0).int().tolist()
-    assert seen[4] == [1, 1, 0, 0, 1]  # the second response does not see the first
+    sp = pack_shared_prefix([[5, 6], [3]], [[[7, 8], [9]], [[], [4, 4, 4]]])
+    # flat: the prompts, then the responses; positions restart where each prompt ends
+    assert sp.tokens.tolist() == [5, 6, 3, 7, 8, 9, 4, 4, 4]
+    assert sp.positions.tolist() == [0, 1, 0, 2, 3, 2, 1, 2, 3]
+    assert sp.last.tolist() == [[4, 5], [2, 8]]  # an empty response pools its prompt's end
+
+    def seen(row, query):  # flat indices of the keys a response's query may look at
+        return sp.keys[row][sp.mask[row, 0, query] == 0].tolist()
+
+    assert seen(0, 0) == [0, 1, 3] and seen(0, 1) == [0, 1, 3, 4]  # prompt, then causally
+    assert seen(1, 0) == [0, 1, 5]  # the second response does not see the first
+    assert seen(3, 2) == [2, 6, 7, 8]
+    last_sees = [sp.keys[row][sp.last_mask[row, 0, 0] == 0].tolist() for row in range(4)]
+    assert last_sees == [[0, 1, 3, 4], [0, 1, 5], [2], [2, 6, 7, 8]]
+    # each flat token's row in [prompts (2 x P=2); responses (4 x R=3)], padding skipped
+    assert sp.scatter.tolist() == [0, 1, 2, 4, 5, 7, 13, 14, 15]
 
 
 def test_decoder_backbone_trains_its_last_blocks_and_the_loss_decreases():
