@@ -85,7 +85,7 @@ class Proc:
 # The production commands, shared with compose.yaml (a test checks they agree).
 WORKER_ARGS = ["-m", "celery", "-A", "evalhub", "worker", "-Q", "default,models",
                "--concurrency", "1", "--loglevel", "INFO"]
-WEB_ARGS = ["-m", "gunicorn", "evalhub.wsgi", "--bind", "{bind}", "--workers", "2"]
+WEB_ARGS = ["-m", "gunicorn", "evalhub.wsgi", "--bind", "{bind}", "--workers", "5"]
 BEAT_ARGS = ["-m", "celery", "-A", "evalhub", "beat", "--loglevel", "INFO"]
 
 

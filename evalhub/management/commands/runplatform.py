@@ -19,7 +19,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--bind", default="127.0.0.1:8000")
-        parser.add_argument("--web-workers", type=int, default=2)
+        # gunicorn's advice for sync workers: (2 x cores) + 1
+        parser.add_argument("--web-workers", type=int, default=2 * (os.cpu_count() or 1) + 1)
         parser.add_argument("--concurrency", type=int, default=2)
 
     def handle(self, *args, bind: str, web_workers: int, concurrency: int, **options):
