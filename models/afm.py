@@ -19,8 +19,10 @@ Llama-architecture checkpoints such as SmolLM2 load into it (see ``models/checkp
 uses the Hugging Face "rotate half" layout; GGUF files store q/k rows in the interleaved layout
 and are un-permuted on import.
 
-Inference: a static, preallocated KV cache (``KVCache``) and padding-aware masks, used by
-``models/generate.py`` for batched generation and log-likelihoods. Weights of q/k/v and of the
+Inference: a static, preallocated KV cache (``KVCache``, with per-row lengths when rows
+advance unevenly) and padding-aware masks, used by ``models/generate.py`` for batched
+generation and log-likelihoods (``models/draft.py`` drafts tokens for speculative decoding
+on the same cache). Weights of q/k/v and of the
 SwiGLU gate/up projections are fused into single matrices: one matmul instead of three (two)
 per layer is most of what makes single-stream CPU decoding fast.
 """
@@ -28,6 +30,7 @@ per layer is most of what makes single-stream CPU decoding fast.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -146,30 +149,65 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-class Linear(nn.Linear):
-    """nn.Linear (no bias) that can also hold an MKL-prepacked copy of its weight.
+def argmax_last(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """``x.argmax(-1)``, the first index of each row's maximum, 4-7x faster on CPU for
+    vocabulary-sized rows: torch's argmax reduction is not vectorised, amax is. Rows are cut
+    into chunks; argmax runs over the chunk maxima and inside the first chunk that holds the
+    maximum only."""
+    V = x.shape[-1]
+    if V % chunk or V <= chunk:
+        return x.argmax(dim=-1)
+    rows = x.reshape(-1, V // chunk, chunk)  # (N, V/chunk, chunk)
+    best = rows.amax(dim=-1).argmax(dim=-1)  # (N,)
+    inside = rows[torch.arange(rows.shape[0], device=x.device), best].argmax(dim=-1)  # (N,)
+    return (best * chunk + inside).view(x.shape[:-1])
 
-    MKL's generic fp32 GEMM is slow for the few-row inputs of batched decoding (8 rows take
-    over twice as long as one). A weight repacked for a fixed row count runs close to memory
-    speed and gives bit-identical results; it doubles the weight memory, so it is opt-in
-    (``AFM.prepack``). Inputs with another row count use the plain weight.
+
+def packed_linear(
+    x: torch.Tensor, weight: torch.Tensor, packs: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """``F.linear(x, weight)`` through ``packs[P]``, the MKL-prepacked copy of ``weight`` for
+    the fewest rows P that hold the M rows of ``x``, zero-padding ``x`` to P rows when P <= 2M
+    (padding costs less than MKL's generic GEMM loses at a few rows); plain ``F.linear``
+    otherwise. Output rows depend on their own input rows only, so padding changes nothing."""
+    M = x.numel() // weight.shape[1]
+    P = min((p for p in packs if M <= p <= 2 * M), default=0) if packs else 0
+    if not P:
+        return F.linear(x, weight)
+    rows = x.reshape(M, weight.shape[1])  # (M, in)
+    if P > M:
+        rows = F.pad(rows, (0, 0, 0, P - M))  # (P, in)
+    y = torch.ops.mkl._mkl_linear(rows, packs[P], weight, None, P)  # (P, out)
+    return y[:M].view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) that can also hold MKL-prepacked copies of its weight.
+
+    MKL's generic fp32 GEMM is slow for the few-row inputs of decoding (8 rows take over twice
+    as long as one). A weight repacked for a fixed row count runs close to memory speed and
+    gives bit-identical results; each copy costs the weight's memory again, so it is opt-in
+    (``AFM.prepack``). Inputs with other row counts use the plain weight.
     """
 
-    packed: torch.Tensor | None = None
-    packed_rows = 0
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.packs: dict[int, torch.Tensor] = {}  # row count -> packed weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.numel() == self.packed_rows * self.in_features:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.packed_rows)
-        return F.linear(x, self.weight)
+        return packed_linear(x, self.weight, self.packs)
 
 
 class KVCache:
     """Static key/value cache, preallocated once for the whole generation.
 
-    ``k``/``v`` are (n_layers, B, n_kv_heads, capacity, head_dim). Every row writes at the same
-    slot index (prompts are left-padded to a common length), so an append is one slice copy per
-    layer and never reallocates. ``length`` is the number of filled slots.
+    ``k``/``v`` are (n_layers, B, n_kv_heads, capacity, head_dim). Normally every row writes at
+    the same slot index (prompts are left-padded to a common length), so an append is one slice
+    copy per layer and never reallocates; ``length`` is the number of filled slots.
+
+    Speculative decoding accepts a different number of tokens per row; it then sets
+    ``lengths`` (B,), each row's filled slots (``length`` is their maximum). Appends go to
+    each row's own slots and attention masks every row's slots past its own length.
     """
 
     def __init__(
@@ -185,6 +223,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
+        self.lengths: torch.Tensor | None = None
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Rewind or advance row by row: row b keeps its first ``lengths[b]`` slots. Equal
+        lengths fall back to the cheaper shared ``length``."""
+        self.length = int(lengths.max())
+        self.lengths = None if int(lengths.min()) == self.length else lengths
 
 
 class Attention(nn.Module):
@@ -205,21 +250,28 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: tuple[torch.Tensor, torch.Tensor] | None,
         start: int,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """slots: (B, T) cache slots to write when rows have their own lengths (see
+        ``KVCache``); keys are then read from slots [0, start + T), start the longest row."""
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.n_kv
         qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.hd)  # (B, T, H + 2*Hkv, hd)
-        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+        qk, v = qkv.split((H + Hkv, Hkv), dim=2)
         if self.q_norm is not None and self.k_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
-        qk = apply_rope(qk, cos, sin)  # rotate q and k in one pass: (B, T, H + Hkv, hd)
-        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
-        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
+        # Rotate q and k in one pass; heads first: (B, H + Hkv, T, hd).
+        q, k = apply_rope(qk, cos, sin).transpose(1, 2).split((H, Hkv), dim=1)
         v = v.transpose(1, 2)  # (B, Hkv, T, hd)
         if cache is not None:
             ck, cv = cache  # each (B, Hkv, capacity, hd)
-            ck[:, :, start : start + T] = k
-            cv[:, :, start : start + T] = v
+            if slots is None:
+                ck[:, :, start : start + T] = k
+                cv[:, :, start : start + T] = v
+            else:  # row b writes at slots[b]; the indexed view is (B, T, Hkv, hd)
+                rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+                ck[rows, :, slots] = k.transpose(1, 2)
+                cv[rows, :, slots] = v.transpose(1, 2)
             k, v = ck[:, :, : start + T], cv[:, :, : start + T]  # (B, Hkv, S, hd), S = start+T
         if T == 1:
             # Decoding one token: put the H/Hkv query heads that share a kv head on the "query
@@ -227,12 +279,11 @@ class Attention(nn.Module):
             # (B, 1, 1, S) and broadcasts over that axis.
             q = q.reshape(B, Hkv, H // Hkv, self.hd)  # (B, Hkv, group, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, group, hd)
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv
-            )  # (B, H, T, hd)
-        y = y.reshape(B, H, T, self.hd).transpose(1, 2).reshape(B, T, H * self.hd)  # (B, T, D)
-        return self.wo(y)
+            return self.wo(y.reshape(B, 1, H * self.hd))  # heads in order: (B, 1, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv
+        )  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * self.hd))  # (B, T, D)
 
 
 class SwiGLU(nn.Module):
@@ -255,8 +306,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache, start, slots=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, slots)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -270,8 +321,7 @@ class AFM(nn.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         )
-        self._head_packed: torch.Tensor | None = None  # see prepack()
-        self._head_rows = 0
+        self._head_packs: dict[int, torch.Tensor] = {}  # see prepack()
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         # Not persistent: derived from the config, so checkpoints hold weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -302,20 +352,23 @@ class AFM(nn.Module):
         w = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, capacity, w.dtype, w.device)
 
-    def prepack(self, rows: int | None) -> AFM:
-        """Repack every projection (and the output head) for inputs of exactly ``rows`` rows,
-        the batch size when decoding; None drops the packed copies. For inference: packed
-        copies do not follow later weight updates. A no-op without MKL or fp32 weights."""
+    def prepack(self, rows: int | Collection[int] | None) -> AFM:
+        """Repack every projection (and the output head) for inputs of ``rows`` rows (or of
+        each count in ``rows``; ``packed_linear`` pads inputs of a few rows fewer): the batch
+        size when decoding, prompts times (proposals + 1) when verifying a draft's tokens.
+        None drops the packed copies. For inference: packed copies do not follow later weight
+        updates. A no-op without MKL or fp32 weights; one row needs no packing."""
         usable = torch.backends.mkl.is_available() and self.tok_emb.weight.dtype == torch.float32
-        rows = rows if usable and rows is not None and rows > 1 else 0
+        counts = {rows} if isinstance(rows, int) else set(rows or ())
+        counts = {r for r in counts if r > 1} if usable else set()
 
-        def pack(w: torch.Tensor) -> torch.Tensor | None:
-            return torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows) if rows else None
+        def pack(w: torch.Tensor) -> dict[int, torch.Tensor]:
+            return {r: torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), r) for r in counts}
 
         for module in self.modules():
             if isinstance(module, Linear):
-                module.packed, module.packed_rows = pack(module.weight), rows
-        self._head_packed, self._head_rows = pack(self._head_weight()), rows
+                module.packs = pack(module.weight)
+        self._head_packs = pack(self._head_weight())
         return self
 
     def trunk(
@@ -329,7 +382,7 @@ class AFM(nn.Module):
 
         positions: (B, T) RoPE positions; default ``cache.length + arange(T)``.
         cache: if given, keys/values are written at slots [length, length + T) and ``length``
-            advances by T.
+            advances by T; with per-row ``cache.lengths``, at each row's own slots.
         key_valid: (B, capacity) bool, False at padding slots of the cache (or, without a cache,
             (B, T) for the tokens themselves). None means no padding.
         """
@@ -341,13 +394,21 @@ class AFM(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hd)
         sin = self.rope_sin[positions].unsqueeze(2)  # (B, T, 1, hd)
-        mask = self._mask(T, start, key_valid)
+        slots = None
+        if cache is not None and cache.lengths is not None:
+            slots = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+            mask = self._row_mask(slots, start + T, key_valid)
+        else:
+            mask = self._mask(T, start, key_valid)
         x = self.tok_emb(tokens)  # (B, T, dim)
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, cos, sin, mask, layer_cache, start)
+            x = block(x, cos, sin, mask, layer_cache, start, slots)
         if cache is not None:
-            cache.length = start + T
+            if slots is not None:
+                cache.set_lengths(slots[:, -1] + 1)
+            else:
+                cache.length = start + T
         return self.norm(x)
 
     def _mask(self, T: int, start: int, key_valid: torch.Tensor | None) -> torch.Tensor | None:
@@ -368,15 +429,31 @@ class AFM(nn.Module):
             # A padding query would see no key at all (softmax over all -inf is NaN, and NaN
             # leaks through later layers even where masked): let every query see its own slot.
             allowed[:, torch.arange(T), q_pos] = True
-        mask = torch.zeros(allowed.shape, dtype=self.rope_cos.dtype, device=device)
+        return self._additive(allowed)
+
+    def _row_mask(
+        self, slots: torch.Tensor, S: int, key_valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mask (B, 1, T, S) for queries at per-row cache ``slots`` (B, T): a query sees the
+        slots up to its own, less padding. Slots past a row's own are stale (written by a
+        longer row's draft or by rejected tokens) and stay hidden. Queries are never padding
+        here, so no row is left without a key."""
+        allowed = torch.arange(S, device=slots.device) <= slots[:, :, None]  # (B, T, S)
+        if key_valid is not None:
+            allowed &= key_valid[:, None, :S]
+        return self._additive(allowed)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=self.rope_cos.dtype, device=allowed.device)
         return mask.masked_fill_(~allowed, float("-inf"))[:, None]  # (B or 1, 1, T, S)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary for hidden states (..., dim)."""
-        w = self._head_weight()
-        if self._head_packed is not None and h.numel() == self._head_rows * self.cfg.dim:
-            return torch.ops.mkl._mkl_linear(h, self._head_packed, w, None, self._head_rows)
-        return F.linear(h, w)
+        return packed_linear(h, self._head_weight(), self._head_packs)
+
+    def greedy(self, h: torch.Tensor) -> torch.Tensor:
+        """Greedy next tokens (...) for hidden states (..., dim): the argmax of ``head(h)``."""
+        return argmax_last(self.head(h))
 
     def _head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight

@@ -5,21 +5,27 @@ here only as a ``should_stop`` callback.
 
 Speed on CPU comes from doing little per step: one preallocated ``KVCache`` for the whole run,
 ``torch.inference_mode``, fused projections in the model, logits only for the last position
-of the prompt, no mask at all when a batch has no padding, and (opt-in, ``AFM.prepack``)
-weights repacked for the batch's row count. What is left is memory traffic: a decoding step
-reads every weight once, so fp32 single-stream speed is bounded by memory bandwidth (see
-benchmarks/generate_speed.py). torch.compile was tried and not adopted: on the shared 2-core
-CPU it had not finished compiling the 30-layer decoder after three minutes.
+of the prompt, no mask at all when a batch has no padding, a vectorised argmax
+(``argmax_last``), and (opt-in, ``AFM.prepack``) weights repacked for the row counts of
+decoding. What is left is memory traffic: a decoding step reads every weight once, so fp32
+single-stream speed is bounded by memory bandwidth (see benchmarks/generate_speed.py).
+Greedy decoding gets past that bound by speculation (``Draft``): an int4 copy of the model
+proposes tokens and one fp32 pass checks many of them, with the fp32 model's own tokens as
+the result. torch.compile was tried and not adopted: on the shared 2-core CPU it had not
+finished compiling the 30-layer decoder after three minutes; compiling one block (reused by
+all 30) took 20 s and made a draft step only 12% faster.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from models.afm import AFM
+from models.afm import AFM, KVCache, argmax_last
+from models.draft import Int4Draft
 
 
 def sample_next(
@@ -28,7 +34,7 @@ def sample_next(
     """Next token ids (B,) from logits (B, V): argmax when temperature is 0, else nucleus
     sampling (Holtzman et al. 2019, arXiv:1904.09751) from softmax(logits / temperature)."""
     if temperature <= 0.0:
-        return logits.argmax(dim=-1)
+        return argmax_last(logits)
     probs = F.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
@@ -61,6 +67,63 @@ def left_pad(
     return tokens, (valid if min(lengths) < T else None), positions
 
 
+@dataclass
+class Draft:
+    """A draft model for speculative greedy decoding (``generate(..., draft=...)``), how much
+    to draft, and a running tally of how often the target model agreed with it."""
+
+    model: Int4Draft  # ``Int4Draft(target)``
+    # Most rows one verification pass runs, prompts x (proposals + 1): from about 32 rows on,
+    # CPU matmuls are compute-bound and more proposals stop being nearly free to check
+    # (benchmarks/generate_speed.py). One prompt gets up to 31 proposals a pass, 8 get 3.
+    rows: int = 32
+    proposed: int = 0  # proposals made for rows still generating
+    accepted: int = 0  # of those, proposals the target model kept
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def most_proposals(self, prompts: int) -> int:
+        return max(1, self.rows // prompts - 1)
+
+
+class _Outputs:
+    """New tokens per row and which rows are finished: at a stop token (not kept), when
+    ``should_stop(row, tokens)`` says so, or at ``max_new_tokens``. Tokens offered to a
+    finished row are ignored, so decoding paths may offer more than a row keeps."""
+
+    def __init__(
+        self,
+        rows: int,
+        max_new_tokens: int,
+        stop_token_ids: Collection[int],
+        should_stop: Callable[[int, list[int]], bool] | None,
+    ):
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.done = [False] * rows
+        self.max_new_tokens, self.stop = max_new_tokens, set(stop_token_ids)
+        self.should_stop = should_stop
+
+    def add(self, row: int, token: int) -> None:
+        if self.done[row]:
+            return
+        if token in self.stop:
+            self.done[row] = True
+            return
+        out = self.tokens[row]
+        out.append(token)
+        asked = self.should_stop is not None and self.should_stop(row, out)
+        self.done[row] = asked or len(out) >= self.max_new_tokens
+
+    def room(self) -> int:
+        """The most tokens any unfinished row may still take."""
+        return max(
+            (self.max_new_tokens - len(t) for t, d in zip(self.tokens, self.done) if not d),
+            default=0,
+        )
+
+
 @torch.inference_mode()
 def generate(
     model: AFM,
@@ -73,6 +136,7 @@ def generate(
     should_stop: Callable[[int, list[int]], bool] | None = None,
     pad_id: int = 0,
     seed: int | None = None,
+    draft: Draft | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new tokens per prompt.
 
@@ -80,40 +144,101 @@ def generate(
     ``should_stop(row, new_tokens)`` returns True (e.g. a stop string appeared), or after
     ``max_new_tokens``. Rows are left-padded into one batch; greedy results equal running each
     prompt alone (up to float rounding of batched matmuls).
+
+    draft: makes greedy decoding speculative (see ``_speculate``): the same tokens (up to the
+        same float rounding), from fewer passes over ``model``'s weights. Ignored when
+        sampling. This call's proposals are added to its tally.
     """
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     B = len(prompts)
-    tokens, key_valid, positions = left_pad(prompts, pad_id, max_new_tokens)
+    k = 0  # most proposals a row gets; verification writes up to k slots past the last kept
+    if draft is not None and temperature <= 0.0:
+        room = model.cfg.max_seq_len - max(map(len, prompts)) - max_new_tokens
+        k = max(0, min(draft.most_proposals(B), room))
+    tokens, key_valid, positions = left_pad(prompts, pad_id, max_new_tokens + k)
     device = model.tok_emb.weight.device
     tokens, positions = tokens.to(device), positions.to(device)
     key_valid = key_valid.to(device) if key_valid is not None else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop = set(stop_token_ids)
+    out = _Outputs(B, max_new_tokens, stop_token_ids, should_stop)
 
-    cache = model.new_cache(B, tokens.shape[1] + max_new_tokens)
+    cache = model.new_cache(B, tokens.shape[1] + max_new_tokens + k)
     hidden = model.trunk(tokens, positions, cache, key_valid)
     logits = model.head(hidden[:, -1])  # (B, V): only the last position is needed
-    next_pos = positions[:, -1:] + 1  # (B, 1)
-    outputs: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
+    next_pos = positions[:, -1] + 1  # (B,)
+    if draft is not None and k > 0:
+        _speculate(model, draft, k, cache, key_valid, argmax_last(logits), next_pos, out)
+        return out.tokens
     for step in range(max_new_tokens):
         next_tokens = sample_next(logits, temperature, top_p, generator)  # (B,)
         for i, tok in enumerate(next_tokens.tolist()):
-            if done[i]:
-                continue
-            if tok in stop:
-                done[i] = True
-                continue
-            outputs[i].append(tok)
-            if should_stop is not None and should_stop(i, outputs[i]):
-                done[i] = True
-        if all(done) or step == max_new_tokens - 1:
+            out.add(i, tok)
+        if all(out.done):
             break
         # Finished rows keep decoding their last token: cheaper than compacting the cache.
-        hidden = model.trunk(next_tokens[:, None], next_pos + step, cache, key_valid)
+        hidden = model.trunk(next_tokens[:, None], (next_pos + step)[:, None], cache, key_valid)
         logits = model.head(hidden[:, -1])
-    return outputs
+    return out.tokens
+
+
+def _speculate(
+    model: AFM,
+    draft: Draft,
+    k: int,
+    cache: KVCache,
+    key_valid: torch.Tensor | None,
+    last: torch.Tensor,
+    pos: torch.Tensor,
+    out: _Outputs,
+) -> None:
+    """Greedy speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023,
+    arXiv:2302.01318) after the prompt pass. ``last`` (B,): each row's first new token, at
+    RoPE position ``pos`` (B,); ``cache`` holds the prompts.
+
+    Each round the draft proposes n <= k tokens per row, one at a time; ``model`` then runs
+    each row's last token and its n proposals in one pass, which costs little more than one
+    decoding step while reading the weights dominates. A row keeps the proposals up to the
+    first that differs from ``model``'s own argmax, then ``model``'s token at that point:
+    exactly the tokens plain greedy decoding would produce, whatever the draft proposed.
+    n follows the "heuristic" schedule of transformers' assisted generation: two more after
+    a round in which every row kept every proposal, one fewer otherwise.
+
+    The draft shares ``model``'s cache: it attends to ``model``'s exact keys/values for every
+    token kept, and its own writes past them are overwritten by the verification pass. Rows
+    keep different numbers of tokens, so after the first round the cache has per-row lengths.
+    """
+    B = last.shape[0]
+    kept = torch.full((B,), cache.length, dtype=torch.long, device=last.device)  # (B,)
+    for i, tok in enumerate(last.tolist()):
+        out.add(i, tok)
+    steps = torch.arange(k + 1, device=last.device)
+    n = k
+    while not all(out.done):
+        n = min(n, out.room() - 1)  # proposals no row could keep are not worth drafting
+        live = [not d for d in out.done]
+        proposals = [last]
+        cache.set_lengths(kept)
+        for j in range(n):  # the draft's writes land in slots kept + j
+            proposals.append(draft.model.step(proposals[-1], pos + j, cache, key_valid))
+        inputs = torch.stack(proposals, dim=1)  # (B, n + 1): last token, then the proposals
+        cache.set_lengths(kept)
+        hidden = model.trunk(inputs, pos[:, None] + steps[: n + 1], cache, key_valid)
+        greedy = model.greedy(hidden)  # (B, n + 1)
+        # Proposals kept: the length of the prefix where draft and model agree.
+        agree = (inputs[:, 1:] == greedy[:, :-1]).cumprod(dim=1).sum(dim=1)  # (B,)
+        kept_all = True
+        for i, (row, m) in enumerate(zip(greedy.tolist(), agree.tolist(), strict=True)):
+            if live[i]:
+                draft.proposed, draft.accepted = draft.proposed + n, draft.accepted + m
+                kept_all &= m == n
+            for tok in row[: m + 1]:
+                out.add(i, tok)
+        # Finished rows stay where they were, so the cache never outgrows its capacity.
+        advance = torch.where(torch.tensor(out.done, device=last.device), 0, agree + 1)
+        kept, pos = kept + advance, pos + advance
+        last = greedy.gather(1, agree[:, None]).squeeze(1)  # (B,)
+        n = min(k, n + 2) if kept_all else max(1, n - 1)
 
 
 @torch.inference_mode()

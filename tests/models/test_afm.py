@@ -176,9 +176,9 @@ def test_prepacked_weights_give_bit_identical_batched_generation(tiny_model):
     tiny_model.prepack(len(prompts))
     try:
         if torch.backends.mkl.is_available():
-            assert tiny_model.blocks[0].attn.wqkv.packed is not None
+            assert tiny_model.blocks[0].attn.wqkv.packs
         assert generate(tiny_model, prompts, max_new_tokens=10) == plain
-        assert "_head_packed" not in str(tiny_model.state_dict().keys())
+        assert "_head_packs" not in str(tiny_model.state_dict().keys())
     finally:
         tiny_model.prepack(None)
-    assert tiny_model.blocks[0].attn.wqkv.packed is None
+    assert not tiny_model.blocks[0].attn.wqkv.packs

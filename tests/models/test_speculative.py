@@ -1,0 +1,193 @@
+"""Speculative greedy decoding (models.generate.Draft over models.draft.Int4Draft) and the
+pieces it stands on: per-row KV cache lengths, the vectorised argmax, padded prepacked GEMMs.
+
+The promise under test is exactness: whatever the draft proposes, the output is the target
+model's own greedy output, token for token, with stop tokens, stop requests and
+``max_new_tokens`` behaving as in plain decoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.afm import AFM, argmax_last, config_from_preset, packed_linear
+from models.draft import Int4Draft
+from models.generate import Draft, generate
+
+PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [200], [4, 4, 4, 4]]
+
+
+def sharp_tiny(seed: int) -> AFM:
+    """The tiny preset with weights 10x the usual init: at 0.02 every row just repeats its
+    last token, which any draft guesses; sharper weights give varied greedy continuations."""
+    model = AFM(config_from_preset("tiny")).init_weights(seed=seed).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return model
+
+
+@pytest.fixture
+def target() -> AFM:
+    return sharp_tiny(seed=0)
+
+
+@pytest.fixture(params=["own", "other"])
+def draft_model(request, target) -> Int4Draft:
+    # "own": an int4 copy of the target, right part of the time; "other": an int4 copy of an
+    # unrelated model, almost never right, so nearly every round rejects.
+    return Int4Draft(target if request.param == "own" else sharp_tiny(seed=1))
+
+
+@pytest.mark.parametrize("rows", [2, 8, 32])
+@pytest.mark.parametrize("prepack", [False, True])
+def test_speculative_greedy_equals_plain_greedy_alone_and_batched(
+    target, draft_model, rows, prepack
+):
+    plain = generate(target, PROMPTS, max_new_tokens=20)
+    assert len({tuple(o) for o in plain}) == len(PROMPTS)  # the outputs are not trivial
+    if prepack:  # verification matmuls go through packed weights, padded to 8/16/32 rows
+        target.prepack({8, 16, 32})
+    draft = Draft(draft_model, rows=rows)
+    assert generate(target, PROMPTS, max_new_tokens=20, draft=draft) == plain
+    alone = [generate(target, [p], max_new_tokens=20, draft=draft)[0] for p in PROMPTS]
+    assert alone == plain
+    assert 0 <= draft.accepted <= draft.proposed and draft.proposed > 0
+
+
+def test_the_tally_tells_a_good_draft_from_a_bad_one(target):
+    own, other = Draft(Int4Draft(target)), Draft(Int4Draft(sharp_tiny(seed=1)))
+    for draft in (own, other):
+        generate(target, PROMPTS, max_new_tokens=20, draft=draft)
+    assert own.acceptance > other.acceptance
+    assert other.acceptance < 0.1
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
+def test_speculation_keeps_stop_tokens_stop_requests_and_max_tokens(
+    target, draft_model, max_new_tokens
+):
+    free = generate(target, PROMPTS, max_new_tokens=12)
+    stop = [free[1][3], free[2][5]]
+    asked = {0: 2, 3: 5}  # row -> stop after this many tokens
+
+    def should_stop(row: int, ids: list[int]) -> bool:
+        return len(ids) == asked.get(row, -1)
+
+    kwargs = dict(max_new_tokens=max_new_tokens, stop_token_ids=stop, should_stop=should_stop)
+    plain = generate(target, PROMPTS, **kwargs)
+    assert generate(target, PROMPTS, draft=Draft(draft_model, rows=32), **kwargs) == plain
+    alone = [generate(target, [p], draft=Draft(draft_model), **kwargs)[0] for p in PROMPTS]
+    # Rows run alone are row 0 of their batch: should_stop sees row 0.
+    assert alone[0] == plain[0]
+    assert generate(target, PROMPTS, max_new_tokens=0, draft=Draft(draft_model)) == [[]] * 4
+
+
+def test_proposals_shrink_to_fit_the_context_window(target):
+    long = [[(7 * i) % 250 + 1 for i in range(248)], [3, 4]]  # max_seq_len is 256
+    for new in (7, 8):  # leaves room for one proposal, then none
+        plain = generate(target, long, max_new_tokens=new)
+        assert generate(target, long, max_new_tokens=new, draft=Draft(Int4Draft(target))) == plain
+
+
+def test_sampling_ignores_the_draft(target):
+    draft = Draft(Int4Draft(target))
+    args = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3)
+    sampled = generate(target, PROMPTS, draft=draft, **args)
+    assert sampled == generate(target, PROMPTS, **args)
+    assert sampled != generate(target, PROMPTS, max_new_tokens=10)
+    assert draft.proposed == 0
+
+
+def test_rows_with_their_own_cache_lengths_match_rows_run_alone(target):
+    a, b = [5, 17, 99, 3, 42, 8], [1, 2, 3, 4, 5, 6]
+    with torch.no_grad():
+        cache = target.new_cache(2, 12)
+        target.trunk(torch.tensor([a, b]), cache=cache)
+        # Row 0 forgets its last two tokens (as after rejected proposals), row 1 keeps all six.
+        cache.set_lengths(torch.tensor([4, 6]))
+        new = torch.tensor([[a[4], a[5]], [60, 61]])  # (2, T=2): a verification-like pass
+        positions = torch.tensor([[4, 5], [6, 7]])
+        hidden = target.trunk(new, positions, cache)
+        assert cache.lengths.tolist() == [6, 8] and cache.length == 8
+        step = target.trunk(torch.tensor([[70], [71]]), torch.tensor([[6], [8]]), cache)
+        row0 = target.trunk(torch.tensor([a + [70]]))[0]
+        row1 = target.trunk(torch.tensor([b + [60, 61, 71]]))[0]
+    torch.testing.assert_close(hidden[0], row0[4:6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden[1], row1[6:8], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], torch.stack([row0[6], row1[8]]), rtol=1e-5, atol=1e-5)
+
+
+def test_equal_row_lengths_fall_back_to_the_shared_length(target):
+    cache = target.new_cache(2, 8)
+    cache.set_lengths(torch.tensor([3, 3]))
+    assert cache.lengths is None and cache.length == 3
+
+
+def test_argmax_last_is_argmax_including_ties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4096, generator=g)
+    x[1, 100] = x[1, 3000] = x[1].max() + 1  # a tie across chunks: the first index wins
+    x[2, 10] = x[2, 11] = x[2].max() + 1  # a tie inside a chunk
+    assert torch.equal(argmax_last(x), x.argmax(dim=-1))
+    assert argmax_last(x)[1] == 100
+    assert torch.equal(argmax_last(x.view(5, 2, 2048)), x.view(5, 2, 2048).argmax(dim=-1))
+    odd = torch.randn(3, 1000, generator=g)  # not a multiple of the chunk: plain argmax
+    assert torch.equal(argmax_last(odd), odd.argmax(dim=-1))
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL")
+def test_packed_linear_pads_a_few_rows_to_the_next_packed_count():
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(16, 64, generator=g)
+    packs = {r: torch.ops.mkl._mkl_reorder_linear_weight(w, r) for r in (8, 16)}
+    full = packed_linear(x, w, packs)
+    for m in (9, 12, 16):  # padded to 16 rows: the real rows come out as in a 16-row call
+        assert torch.equal(packed_linear(x[:m], w, packs), full[:m])
+    torch.testing.assert_close(packed_linear(x[:5], w, packs), F.linear(x[:5], w))
+    assert torch.equal(packed_linear(x[:3], w, packs), F.linear(x[:3], w))  # 8 > 2 * 3: plain
+    batched = packed_linear(x.view(2, 8, 64), w, packs)
+    torch.testing.assert_close(batched, F.linear(x, w).view(2, 8, 96))
+
+
+# ------------------------------------------------------------------------ the real SmolLM2
+CHAT = [
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nList three prime numbers greater than 50.<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "def fibonacci(n):\n    ",
+]
+
+
+def test_speculative_greedy_equals_plain_greedy_on_smollm2(smollm2, smollm2_tokenizer):
+    ids = [smollm2_tokenizer.encode(p) for p in CHAT]
+    eos = smollm2_tokenizer.eos_token_id
+    args = dict(max_new_tokens=40, stop_token_ids=[eos], pad_id=eos)
+    plain = [generate(smollm2, [p], **args)[0] for p in ids]
+    draft = Draft(Int4Draft(smollm2))
+    assert [generate(smollm2, [p], draft=draft, **args)[0] for p in ids] == plain
+    assert generate(smollm2, ids, draft=draft, **args) == plain  # batched, left-padded
+    assert draft.acceptance > 0.8  # the int4 copy of a Q4_1 model agrees almost always
+
+
+def test_builtin_backend_speculates_by_default_with_the_same_text(smollm2_checkpoint):
+    from models.backends import GenerationArgs
+    from models.backends.builtin import BuiltinBackend
+
+    fast = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False)
+    plain = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False, draft=None)
+    assert fast.draft is not None and plain.draft is None
+    prompts = [fast.chat_format([{"role": "user", "content": q}]) for q in ("Hi!", "2+2?")]
+    prompts.append("The capital of France is")
+    for args in (
+        GenerationArgs(max_new_tokens=24),
+        GenerationArgs(max_new_tokens=24, stop=(" is", ".")),
+        GenerationArgs(max_new_tokens=3),
+    ):
+        assert fast.generate(prompts, args) == plain.generate(prompts, args)
+    assert fast.draft.acceptance > 0.8
+    with pytest.raises(ValueError, match="unknown draft"):
+        BuiltinBackend(smollm2_checkpoint, draft="int8")
