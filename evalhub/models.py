@@ -4,6 +4,7 @@ import hashlib
 import secrets
 import uuid
 from datetime import timedelta
+from functools import cache
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -167,6 +168,21 @@ def _hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+@cache
+def _token_sql() -> str:
+    """ApiTokenQuerySet.authenticate's query, built once (the user model is known only after
+    start-up)."""
+    User = get_user_model()
+    groups, Group = User.groups.through, User.groups.field.related_model
+    return (
+        f"SELECT {rows.columns(User, 'u')}, {rows.columns(ApiToken, 't')}, g.name "
+        f"FROM {ApiToken._meta.db_table} t JOIN {User._meta.db_table} u ON u.id = t.user_id "
+        f"LEFT JOIN {groups._meta.db_table} ug ON ug.user_id = u.id "
+        f"LEFT JOIN {Group._meta.db_table} g ON g.id = ug.group_id "
+        f"WHERE t.key_hash = %s AND t.revoked_at IS NULL AND u.is_active"
+    )
+
+
 class ApiTokenQuerySet(models.QuerySet):
     def authenticate(self, raw: str):
         """The active token's user for a raw bearer token, or None.
@@ -176,17 +192,8 @@ class ApiTokenQuerySet(models.QuerySet):
         ``user.group_names`` for evalhub.access.has_role.
         """
         User = get_user_model()
-        groups, Group = User.groups.through, User.groups.field.related_model
         with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT {rows.columns(User, 'u')}, {rows.columns(ApiToken, 't')}, g.name "
-                f"FROM {ApiToken._meta.db_table} t JOIN {User._meta.db_table} u "
-                f"ON u.id = t.user_id "
-                f"LEFT JOIN {groups._meta.db_table} ug ON ug.user_id = u.id "
-                f"LEFT JOIN {Group._meta.db_table} g ON g.id = ug.group_id "
-                f"WHERE t.key_hash = %s AND t.revoked_at IS NULL AND u.is_active",
-                [_hash_token(raw)],
-            )
+            cursor.execute(_token_sql(), [_hash_token(raw)])
             found = cursor.fetchall()
         if not found:
             return None

@@ -231,6 +231,20 @@ class KVCache:
         self.length = int(lengths.max())
         self.lengths = None if int(lengths.min()) == self.length else lengths
 
+    def slots(self, T: int) -> torch.Tensor | None:
+        """(B, T) slots each row's next T tokens go to when rows have their own lengths; None
+        when they all go to [length, length + T)."""
+        if self.lengths is None:
+            return None
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def advance(self, T: int) -> None:
+        """Count T more filled slots in every row."""
+        if self.lengths is None:
+            self.length += T
+        else:
+            self.set_lengths(self.lengths + T)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: AFMConfig):
@@ -394,28 +408,29 @@ class AFM(nn.Module):
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
         cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hd)
         sin = self.rope_sin[positions].unsqueeze(2)  # (B, T, 1, hd)
-        slots = None
-        if cache is not None and cache.lengths is not None:
-            slots = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-            mask = self._row_mask(slots, start + T, key_valid)
-        else:
-            mask = self._mask(T, start, key_valid)
+        slots = cache.slots(T) if cache is not None else None  # (B, T) or None
+        mask = self._mask(T, start, key_valid, slots)
         x = self.tok_emb(tokens)  # (B, T, dim)
         for i, block in enumerate(self.blocks):
             layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
             x = block(x, cos, sin, mask, layer_cache, start, slots)
         if cache is not None:
-            if slots is not None:
-                cache.set_lengths(slots[:, -1] + 1)
-            else:
-                cache.length = start + T
+            cache.advance(T)
         return self.norm(x)
 
-    def _mask(self, T: int, start: int, key_valid: torch.Tensor | None) -> torch.Tensor | None:
+    def _mask(
+        self,
+        T: int,
+        start: int,
+        key_valid: torch.Tensor | None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         """Additive attention mask (B, 1, T, start+T): 0 where a query may look, -inf elsewhere;
         or None where SDPA's own causal flag (or no mask at all, when decoding one token) is
         exact. Built once per forward as floats: a boolean mask would be converted again by
-        every layer's SDPA call."""
+        every layer's SDPA call. With per-row cache ``slots`` (B, T), see ``_row_mask``."""
+        if slots is not None:
+            return self._row_mask(slots, start + T, key_valid)
         if key_valid is None and (start == 0 or T == 1):
             return None
         S = start + T

@@ -121,11 +121,8 @@ class Int4Draft:
         start = cache.length
         if start + 1 > cache.capacity:
             raise ValueError(f"KV cache full: {start} + 1 > capacity {cache.capacity}")
-        if cache.lengths is None:
-            slot, mask = None, model._mask(1, start, key_valid)
-        else:
-            slot = cache.lengths  # (B,)
-            mask = model._row_mask(slot[:, None], start + 1, key_valid)
+        slots = cache.slots(1)  # (B, 1), or None when every row writes at ``start``
+        mask = model._mask(1, start, key_valid, slots)
         rows = torch.arange(B, device=tokens.device)
         cos = model.rope_cos[positions][:, None]  # (B, 1, hd)
         sin = model.rope_sin[positions][:, None]  # (B, 1, hd)
@@ -137,18 +134,15 @@ class Int4Draft:
                 qk = torch.cat((q_norm(qk[:, :H]), k_norm(qk[:, H:])), dim=1)
             q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=1)  # (B, H | Hkv, hd)
             ck, cv = cache.k[i], cache.v[i]  # each (B, Hkv, capacity, hd)
-            if slot is None:
+            if slots is None:
                 ck[:, :, start], cv[:, :, start] = k, v
             else:
-                ck[rows, :, slot], cv[rows, :, slot] = k, v
+                ck[rows, :, slots[:, 0]], cv[rows, :, slots[:, 0]] = k, v
             y = F.scaled_dot_product_attention(
                 q.view(B, Hkv, H // Hkv, hd), ck[:, :, : start + 1], cv[:, :, : start + 1], mask
             )  # (B, Hkv, group, hd), as in Attention's one-token case
             x = x + wo(y.view(B, H * hd))
             gate, up = w13(F.rms_norm(x, dim, mlp_norm, eps)).float().chunk(2, dim=-1)
             x = x + w2(F.silu(gate) * up)
-        if slot is None:
-            cache.length = start + 1
-        else:
-            cache.set_lengths(slot + 1)
+        cache.advance(1)
         return self.head.greedy(model.norm(x))
