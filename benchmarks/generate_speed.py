@@ -162,7 +162,10 @@ def main() -> None:
         print(f"{name:12s} {rate[name]:7.1f} tokens/s  ({count} tokens, best {best[name]:.2f} s)")
     for k, d in drafts.items():
         most = d.most_proposals(1 if k == "single" else len(prompt_ids))
-        print(f"draft {k}: up to {most} proposals a pass, acceptance {d.acceptance:.3f}")
+        if most:
+            print(f"draft {k}: up to {most} proposals a pass, acceptance {d.acceptance:.3f}")
+        else:
+            print(f"draft {k}: fewer than {d.min_proposals} proposals a pass, decoded plainly")
 
     identical = all(tokens[f"ours {k}"] == tokens[f"hf {k}"] for k in ("single", "batch8"))
     identical &= all(tokens[f"plain {k}"] == tokens[f"hf {k}"] for k in drafts if not args.no_plain)

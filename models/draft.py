@@ -13,9 +13,8 @@ picks, so the draft decides how many tokens a pass yields, not which.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from models.afm import AFM, KVCache, apply_rope
+from models.afm import AFM, KVCache
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,27 +81,20 @@ class Int4Draft:
     of the positions of the benchmark's answers; with a plain int4 head it was 88%, with an
     int8 head 97%.
 
-    ``step`` is ``AFM.trunk`` + ``AFM.greedy`` for one token, written as one flat loop over
-    plain tensors: on the 2-core CPU it takes ~11 ms a token, where the same computation
-    through the model's modules took ~13 ms, the difference all Python. A bf16 SwiGLU saved
+    ``step`` is ``AFM.step`` (``AFM.trunk`` for one token as a flat loop) with the int4
+    projections, then the shortlist head: ~11 ms a token on the 2-core CPU. A bf16 SwiGLU saved
     0.3 ms more but lowered acceptance (0.87 against 0.93 on the benchmark's prompts, one at
     a time) and was 5% slower overall.
     """
 
     def __init__(self, model: AFM, group_size: int = 32):
         self.model = model
-        self.layers = [
-            (
-                b.attn_norm.weight,
-                Int4Linear(b.attn.wqkv.weight, group_size),
-                b.attn.q_norm,
-                b.attn.k_norm,
-                Int4Linear(b.attn.wo.weight, group_size),
-                b.mlp_norm.weight,
-                Int4Linear(b.mlp.w13.weight, group_size),
-                Int4Linear(b.mlp.w2.weight, group_size),
-            )
-            for b in model.blocks
+        def int4(projection) -> Int4Linear:
+            return Int4Linear(projection.weight, group_size)
+
+        self.layers = [  # AFM.step's layout, projections in int4
+            (attn_norm, int4(wqkv), q_norm, k_norm, int4(wo), mlp_norm, int4(w13), int4(w2))
+            for attn_norm, wqkv, q_norm, k_norm, wo, mlp_norm, w13, w2 in model.step_layers()
         ]
         self.head = ShortlistHead(model._head_weight(), group_size)
 
@@ -115,34 +107,5 @@ class Int4Draft:
     ) -> torch.Tensor:
         """Proposed next tokens (B,) after ``tokens`` (B,) at RoPE ``positions`` (B,); their
         keys/values go to the cache slots ``AFM.trunk`` would write (shared or per-row)."""
-        model, cfg = self.model, self.model.cfg
-        B, H, Hkv, hd = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        dim, eps = (cfg.dim,), cfg.norm_eps
-        start = cache.length
-        if start + 1 > cache.capacity:
-            raise ValueError(f"KV cache full: {start} + 1 > capacity {cache.capacity}")
-        slots = cache.slots(1)  # (B, 1), or None when every row writes at ``start``
-        mask = model._mask(1, start, key_valid, slots)
-        rows = torch.arange(B, device=tokens.device)
-        cos = model.rope_cos[positions][:, None]  # (B, 1, hd)
-        sin = model.rope_sin[positions][:, None]  # (B, 1, hd)
-        x = model.tok_emb(tokens)  # (B, dim)
-        for i, (attn_norm, wqkv, q_norm, k_norm, wo, mlp_norm, w13, w2) in enumerate(self.layers):
-            qkv = wqkv(F.rms_norm(x, dim, attn_norm, eps)).view(B, H + 2 * Hkv, hd)
-            qk, v = qkv.float().split((H + Hkv, Hkv), dim=1)  # (B, H + Hkv | Hkv, hd)
-            if q_norm is not None and k_norm is not None:
-                qk = torch.cat((q_norm(qk[:, :H]), k_norm(qk[:, H:])), dim=1)
-            q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=1)  # (B, H | Hkv, hd)
-            ck, cv = cache.k[i], cache.v[i]  # each (B, Hkv, capacity, hd)
-            if slots is None:
-                ck[:, :, start], cv[:, :, start] = k, v
-            else:
-                ck[rows, :, slots[:, 0]], cv[rows, :, slots[:, 0]] = k, v
-            y = F.scaled_dot_product_attention(
-                q.view(B, Hkv, H // Hkv, hd), ck[:, :, : start + 1], cv[:, :, : start + 1], mask
-            )  # (B, Hkv, group, hd), as in Attention's one-token case
-            x = x + wo(y.view(B, H * hd))
-            gate, up = w13(F.rms_norm(x, dim, mlp_norm, eps)).float().chunk(2, dim=-1)
-            x = x + w2(F.silu(gate) * up)
-        cache.advance(1)
-        return self.head.greedy(model.norm(x))
+        hidden = self.model.step(tokens, positions, cache, key_valid, layers=self.layers)
+        return self.head.greedy(hidden)

@@ -5,13 +5,16 @@ here only as a ``should_stop`` callback.
 
 Speed on CPU comes from doing little per step: one preallocated ``KVCache`` for the whole run,
 ``torch.inference_mode``, fused projections in the model, logits only for the last position
-of the prompt, no mask at all when a batch has no padding, a vectorised argmax
-(``argmax_last``), and (opt-in, ``AFM.prepack``) weights repacked for the row counts of
-decoding. What is left is memory traffic: a decoding step reads every weight once, so fp32
-single-stream speed is bounded by memory bandwidth (see benchmarks/generate_speed.py).
-Greedy decoding gets past that bound by speculation (``Draft``): an int4 copy of the model
-proposes tokens and one fp32 pass checks many of them, with the fp32 model's own tokens as
-the result. torch.compile was tried and not adopted: on the shared 2-core CPU it had not
+of the prompt, no mask at all when a batch has no padding, one flat loop per decoding step
+(``AFM.step``) with attention as two small matmuls (``attend``), a vectorised argmax
+(``argmax_last``), and (opt-in, ``AFM.prepack``) weights prepacked for oneDNN, whose CPU
+matmuls are 2-3x faster than torch's default for decoding on AMD EPYC. What is left is
+memory traffic: a decoding step reads every weight once, so fp32 single-stream speed is
+bounded by memory bandwidth (see benchmarks/generate_speed.py). Greedy decoding gets past
+that bound by speculation (``Draft``): an int4 copy of the model proposes tokens and one
+fp32 pass checks many of them, with the fp32 model's own tokens as the result. Batches big
+enough to keep the CPU busy without it (8 prompts on 2 cores) decode plainly.
+torch.compile was tried and not adopted: on the shared 2-core CPU it had not
 finished compiling the 30-layer decoder after three minutes; compiling one block (reused by
 all 30) took 20 s and made a draft step only 12% faster.
 """
@@ -75,8 +78,12 @@ class Draft:
     model: Int4Draft  # ``Int4Draft(target)``
     # Most rows one verification pass runs, prompts x (proposals + 1): from about 32 rows on,
     # CPU matmuls are compute-bound and more proposals stop being nearly free to check
-    # (benchmarks/generate_speed.py). One prompt gets up to 31 proposals a pass, 8 get 3.
+    # (benchmarks/generate_speed.py). One prompt gets up to 31 proposals a pass, 4 get 7.
     rows: int = 32
+    # Fewer proposals than this a pass and ``generate`` decodes plainly: with 8 prompts (3
+    # proposals each) the draft's own steps cost what they save on a 2-core CPU (176 against
+    # 175 tokens/s; 5 proposals: 155 against 173), with 4 prompts it gains 1.3x, with 2 2x.
+    min_proposals: int = 4
     proposed: int = 0  # proposals made for rows still generating
     accepted: int = 0  # of those, proposals the target model kept
 
@@ -85,7 +92,9 @@ class Draft:
         return self.accepted / self.proposed if self.proposed else 0.0
 
     def most_proposals(self, prompts: int) -> int:
-        return max(1, self.rows // prompts - 1)
+        """Proposals per prompt a pass for a batch of ``prompts``; 0: don't speculate."""
+        n = self.rows // prompts - 1
+        return n if n >= self.min_proposals else 0
 
 
 class _Outputs:
@@ -164,21 +173,25 @@ def generate(
     out = _Outputs(B, max_new_tokens, stop_token_ids, should_stop)
 
     cache = model.new_cache(B, tokens.shape[1] + max_new_tokens + k)
-    hidden = model.trunk(tokens, positions, cache, key_valid)
-    logits = model.head(hidden[:, -1])  # (B, V): only the last position is needed
+    hidden = model.trunk(tokens, positions, cache, key_valid)[:, -1]  # only the last position
+
+    def pick(hidden: torch.Tensor) -> torch.Tensor:  # (B, dim) -> next tokens (B,)
+        if temperature <= 0.0:
+            return model.greedy(hidden)
+        return sample_next(model.head(hidden), temperature, top_p, generator)
+
+    next_tokens = pick(hidden)
     next_pos = positions[:, -1] + 1  # (B,)
     if draft is not None and k > 0:
-        _speculate(model, draft, k, cache, key_valid, argmax_last(logits), next_pos, out)
+        _speculate(model, draft, k, cache, key_valid, next_tokens, next_pos, out)
         return out.tokens
     for step in range(max_new_tokens):
-        next_tokens = sample_next(logits, temperature, top_p, generator)  # (B,)
         for i, tok in enumerate(next_tokens.tolist()):
             out.add(i, tok)
         if all(out.done):
             break
         # Finished rows keep decoding their last token: cheaper than compacting the cache.
-        hidden = model.trunk(next_tokens[:, None], (next_pos + step)[:, None], cache, key_valid)
-        logits = model.head(hidden[:, -1])
+        next_tokens = pick(model.step(next_tokens, next_pos + step, cache, key_valid))
     return out.tokens
 
 

@@ -21,10 +21,10 @@ class BuiltinBackend(TokenBackend):
     batch_size: prompts (or scored pairs) per forward pass. Prompts are sorted by length first
         so a batch pads little; results come back in input order.
     num_threads: torch intra-op threads; None leaves torch's setting alone.
-    prepack: keep copies of the weights repacked for the row counts of decoding matmuls (see
-        ``AFM.prepack``): batched decoding and draft verification get ~1.5x faster, for one
-        more copy of the weights per row count (with the draft: 8, 16 and 32 rows), as many
-        as fit in ``prepack_bytes`` (2 GiB: all three for SmolLM2-135M, none for a 1B model).
+    prepack: keep a copy of the weights packed for oneDNN's matmuls (``AFM.prepack``), 2-3x
+        faster than torch's default CPU matmuls for decoding on AMD EPYC, for the weights'
+        memory again, if that copy fits in ``prepack_bytes`` (2 GiB: SmolLM2-135M's 0.5 GB
+        does, a 1B model's 4 GB does not).
     draft: "int4" (the default) makes greedy generation speculative (``models.generate.Draft``
         over ``models.draft.Int4Draft``, CPU only): the same tokens, ~2.2x faster one prompt at
         a time on a 2-core CPU and a few percent faster for 8 at once, for ~1/5 more weight
@@ -50,14 +50,9 @@ class BuiltinBackend(TokenBackend):
         _, self.meta = read_config(self.path)
         self.model = load_checkpoint(self.path)
         self.draft = Draft(Int4Draft(self.model)) if draft else None
-        if prepack:
-            # Verification passes run up to draft.rows rows; packed_linear pads a pass to the
-            # next packed count, so doublings up to it cover every count in between. The most
-            # used counts first, while the copies fit the budget.
-            wanted = [batch_size, *((self.draft.rows, 16, 8) if self.draft else ())]
-            copies = prepack_bytes // sum(p.numel() * p.element_size()
-                                          for p in self.model.parameters())
-            self.model.prepack(list(dict.fromkeys(wanted))[:copies])
+        size = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if prepack and size <= prepack_bytes:
+            self.model.prepack(batch_size)
         self.tokenizer = load_tokenizer(self.path)
         # Shared few-shot prefixes (MMLU's per-subject exemplars) are computed once.
         self.scorer = PrefixScorer(self.model, batch_size=batch_size)
