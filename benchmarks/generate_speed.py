@@ -7,32 +7,38 @@ token is one the model never emits), so they do the same work; the tokens must b
 Each figure is the best of ``--repeats`` runs: the machine is shared, so the minimum is the
 least noisy estimate, and the engines alternate so that load from elsewhere hits both alike.
 
-What the engine does (``BuiltinBackend``'s defaults): speculative greedy decoding
-(``models.generate.Draft``). The draft is the same model with int4 block weights and an int4
-output head that shortlists 16 tokens for an exact fp32 rescoring (``models.draft.Int4Draft``,
-~1/5 of the fp32 weight bytes); it runs on the fp32 model's KV cache. It proposes tokens one
-by one; the fp32 model then runs the last token and all proposals in one forward pass and
-keeps the proposals up to the first that differs from its own argmax, plus its own token
-there. Every token kept is the fp32 model's own greedy choice, so the output is plain fp32
-greedy decoding's: the draft only decides how many tokens each fp32 pass yields. (The
-verification pass multiplies several rows at once, so its logits differ from one-row
-decoding by float rounding, as batching does; the tokens are compared with transformers'.)
-A pass holds at most 32 rows (``--draft-rows``): up to 31 proposals for one prompt, 3 for
-8 prompts; the count adapts as in transformers' assisted generation (+2 after a round where
-every proposal was kept, -1 otherwise). "acceptance" is the share of proposals kept. It
-depends on the text: over all 8 prompts one at a time (the default) it was 0.95 and the
-single-stream speedup 2.26 (68.6 against 30.4 tokens/s); the first two prompts alone accept
-every proposal (~2.4x).
+What the engine does (``BuiltinBackend``'s defaults):
 
-Why a draft at all: one fp32 decoding step must read all 538 MB of weights. On the 2-core
-machine this was written on, memory gives ~25 GB/s, so the matmuls alone take ~21 ms a token
-(~47 tokens/s) however little else an engine does; a whole step takes ~29 ms. A draft step
-takes ~11 ms, and a 32-row verification pass ~65 ms (weights are read once; the matmuls run
-on weights prepacked for 8, 16 and 32 rows, ``AFM.prepack``), so 31 kept proposals cost
-~16 ms a token. At batch 8 the matmuls are compute-bound instead: a draft step for 8 rows
-takes ~29 ms against ~47 ms for an fp32 step, and a round of 3 proposals yields ~3.7 tokens
-a row for ~3.5 fp32 steps' time: only a few percent faster than plain decoding.
-"plain" is the same engine with the draft switched off, for reference.
+- fp32 weights prepacked for oneDNN (``AFM.prepack``). torch's fp32 ``F.linear``, which
+  transformers uses, calls MKL, and on this machine's AMD EPYC (Zen 4) MKL runs decoding's
+  few-row matmuls 2-3x slower than oneDNN on a prepacked weight: SmolLM2's block matmuls for
+  8 rows took 152 against 48 ms, for one row 102 against 46 ms (on a slow day of the shared
+  machine). Both accumulate in fp32; only the summation order differs.
+- One flat loop per decoding step (``AFM.step``) and attention as two small matmuls
+  (``models.afm.attend``) instead of SDPA's flash kernel, which is built for long query
+  blocks: ~10% of a batch-8 step.
+- Speculative greedy decoding (``models.generate.Draft``) when a pass gets at least 4
+  proposals per prompt. The draft is the same model with int4 block weights and an int4
+  output head that shortlists 16 tokens for an exact fp32 rescoring
+  (``models.draft.Int4Draft``, ~1/5 of the fp32 weight bytes); it runs on the fp32 model's
+  KV cache. It proposes tokens one by one; the fp32 model then runs the last token and all
+  proposals in one forward pass and keeps the proposals up to the first that differs from
+  its own argmax, plus its own token there. Every token kept is the fp32 model's own greedy
+  choice, so the output is plain fp32 greedy decoding's: the draft only decides how many
+  tokens each fp32 pass yields. (The verification pass multiplies several rows at once, so
+  its logits differ from one-row decoding by float rounding, as batching does; the tokens
+  are compared with transformers'.) A pass holds at most 32 rows (``--draft-rows``): up to
+  31 proposals for one prompt, 7 for 4 prompts; the count adapts as in transformers'
+  assisted generation (+2 after a round where every proposal was kept, -1 otherwise).
+  "acceptance" is the share of proposals kept (~0.92-0.95 over the 8 prompts one at a time).
+
+Why a draft for one prompt: one fp32 decoding step must read all 538 MB of weights, so
+single-stream speed is bounded by memory bandwidth however little else an engine does. A
+draft step reads ~1/5 of that, and a 32-row verification pass reads the weights once for up
+to 32 tokens. Why none for 8 prompts: 8 rows keep the 2 cores busy, so a verification pass
+costs nearly as much per token as plain decoding and the draft's own steps are extra: with
+3 proposals a pass it was 176 against 175 tokens/s, with 5 155 against 173. "plain" is the
+same engine with the draft switched off (at batch 8 the default already decodes plainly).
 
     .venv/bin/python benchmarks/generate_speed.py [--new-tokens 96] [--repeats 2]
 
