@@ -133,6 +133,47 @@ class _Outputs:
         )
 
 
+def prefill(
+    model: AFM,
+    prompts: Sequence[Sequence[int]],
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    key_valid: torch.Tensor | None,
+    min_shared: int = 8,
+) -> torch.Tensor:
+    """Run the left-padded prompts (``left_pad``'s tokens, positions, key_valid) into the empty
+    ``cache``; return each row's last hidden state (B, dim).
+
+    When the prompts start with the same ``min_shared`` or more tokens (a system prompt, a
+    chat template's header, few-shot exemplars), that shared part runs once (B = 1) and its
+    keys/values are copied into every row's slots: keys/values at a position depend only on
+    the tokens up to it, and RoPE positions count from each row's first real token, so they
+    are the same in every row whatever its padding. Only the window from the earliest
+    unshared slot on then runs for all rows (a row whose shared part reaches into that window
+    recomputes those slots, to float rounding the values just copied). The benchmark's chat
+    prompts share 24 of ~40 tokens: the prompt pass runs 156 rows instead of 336.
+    """
+    B, T = tokens.shape
+    shared = 0
+    if B > 1:
+        shortest = min(map(len, prompts))
+        while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+            shared += 1  # at least one token per row stays unshared: its logits are needed
+    if shared < min_shared:
+        return model.trunk(tokens, positions, cache, key_valid)[:, -1]
+    once = model.new_cache(1, shared)
+    model.trunk(torch.tensor([list(prompts[0][:shared])], device=tokens.device), cache=once)
+    pads = [T - len(p) for p in prompts]
+    for row, pad in enumerate(pads):
+        cache.k[:, row, :, pad : pad + shared] = once.k[:, 0]
+        cache.v[:, row, :, pad : pad + shared] = once.v[:, 0]
+    start = min(pads) + shared  # the earliest slot some row has not got yet
+    cache.length = start
+    window = (tokens[:, start:], positions[:, start:])
+    return model.trunk(*window, cache, key_valid)[:, -1]
+
+
 @torch.inference_mode()
 def generate(
     model: AFM,
@@ -173,7 +214,7 @@ def generate(
     out = _Outputs(B, max_new_tokens, stop_token_ids, should_stop)
 
     cache = model.new_cache(B, tokens.shape[1] + max_new_tokens + k)
-    hidden = model.trunk(tokens, positions, cache, key_valid)[:, -1]  # only the last position
+    hidden = prefill(model, prompts, tokens, positions, cache, key_valid)
 
     def pick(hidden: torch.Tensor) -> torch.Tensor:  # (B, dim) -> next tokens (B,)
         if temperature <= 0.0:

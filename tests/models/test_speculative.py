@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models.afm import AFM, argmax_last, config_from_preset, pack_weight, packed_linear
 from models.draft import Int4Draft
-from models.generate import Draft, generate
+from models.generate import Draft, generate, left_pad, prefill
 
 PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [200], [4, 4, 4, 4]]
 
@@ -156,6 +156,26 @@ def test_the_flat_one_token_step_is_trunk_for_one_token(target, padded):
             torch.testing.assert_close(flat, ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(caches[0].k, caches[1].k)
             assert caches[0].length == caches[1].length
+
+
+@pytest.mark.parametrize("tails", [([5, 6], [7], [8, 9, 10, 11]), ([5], [6], [7]), ([1, 2, 3],)])
+def test_a_shared_prompt_start_runs_once_with_the_same_results(target, tails):
+    head = [(11 * i) % 250 + 1 for i in range(10)]  # 10 shared tokens, then each row's own
+    prompts = [head + list(t) for t in tails]
+    tokens, key_valid, positions = left_pad(prompts, 0, 4)
+    with torch.no_grad():
+        caches = [target.new_cache(len(prompts), tokens.shape[1] + 4) for _ in range(2)]
+        full = target.trunk(tokens, positions, caches[0], key_valid)[:, -1]
+        shared = prefill(target, prompts, tokens, positions, caches[1], key_valid)
+        torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-5)
+        assert caches[1].length == caches[0].length
+        T = tokens.shape[1]
+        valid = key_valid if key_valid is not None else torch.ones(len(prompts), T, dtype=bool)
+        filled = [torch.where(valid[:, None, :T, None], c.k[:, :, :, :T], 0) for c in caches]
+        torch.testing.assert_close(filled[1], filled[0], rtol=1e-5, atol=1e-5)
+    assert generate(target, prompts, max_new_tokens=6) == [
+        generate(target, [p], max_new_tokens=6)[0] for p in prompts
+    ]
 
 
 def test_equal_row_lengths_fall_back_to_the_shared_length(target):
