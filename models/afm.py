@@ -220,6 +220,60 @@ class Linear(nn.Linear):
         return packed_linear(x, self.weight, self.packed)
 
 
+class BoundedGreedy:
+    """The greedy tokens of an fp32 output head, found through a bf16 copy of it: the same
+    tokens as the fp32 argmax, not an approximation of them.
+
+    bf16 rounds the hidden state, each weight row and each product's result by at most 2^-9
+    relatively, and oneDNN accumulates in fp32, so a bf16 logit is within
+    2^-9 (2 |h| |w_v| + |approx_v|) of the exact one, plus fp32 accumulation error
+    (~d 2^-24 |h| |w_v|). The radius used, 2^-8 (2.01 |h| |w_v| + |approx_v|) + 1e-4, is
+    twice that. Every token whose upper bound reaches the best lower bound is rescored in
+    fp32 and the first maximum wins, as in ``argmax``: the fp32 winner is always among them.
+    On SmolLM2's answers that is 3 tokens on average (at most 22 of 827 positions) out of
+    49,152; the bf16 product reads half the bytes and runs on bf16 dot-product instructions
+    (8 rows: 4.3 against 5.6 ms for the fp32 head and its argmax). Rows with non-finite
+    values, or too many candidates, take the fp32 head.
+    """
+
+    most = 64  # candidates per row, on average, before the fp32 head is cheaper
+
+    def __init__(self, weight: torch.Tensor, rows: int):
+        self.weight = weight  # (V, dim), the model's own tensor
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16(), rows)
+        self.row_norms = weight.detach().norm(dim=-1)  # (V,)
+
+    @staticmethod
+    def usable(weight: torch.Tensor) -> bool:
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        return (
+            cpu_fp32
+            and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens (...) for hidden states (..., dim)."""
+        lead = h.shape[:-1]
+        h = h.reshape(-1, h.shape[-1])  # (N, dim)
+        N, V = h.shape[0], self.weight.shape[0]
+        approx = torch.ops.mkldnn._linear_pointwise(
+            h.bfloat16(), self.packed, None, "none", [], ""
+        ).float()  # (N, V)
+        radius = approx.abs().add_(2.01 * h.norm(dim=-1, keepdim=True) * self.row_norms)
+        radius = radius.mul_(2.0**-8).add_(1e-4)  # (N, V)
+        floor = (approx - radius).amax(dim=-1, keepdim=True)  # (N, 1): below each row's best
+        rows, cols = (approx.add_(radius) >= floor).nonzero(as_tuple=True)
+        if cols.numel() > self.most * N or not bool(torch.isfinite(floor).all()):
+            return argmax_last(F.linear(h, self.weight)).view(lead)
+        exact = (self.weight[cols] * h[rows]).sum(dim=-1)  # fp32 logits of the candidates
+        best = torch.full((N,), float("-inf"), device=h.device)
+        best = best.scatter_reduce_(0, rows, exact, "amax")
+        win = exact == best[rows]
+        first = torch.full((N,), V, device=h.device)
+        return first.scatter_reduce_(0, rows[win], cols[win], "amin").view(lead)
+
+
 class KVCache:
     """Static key/value cache, preallocated once for the whole generation.
 
@@ -359,6 +413,7 @@ class AFM(nn.Module):
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         )
         self._head_packed: torch.Tensor | None = None  # see prepack()
+        self._greedy: BoundedGreedy | None = None  # see prepack()
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         # Not persistent: derived from the config, so checkpoints hold weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -398,7 +453,10 @@ class AFM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed = pack_weight(module.weight, rows) if rows else None
-        self._head_packed = pack_weight(self._head_weight(), rows) if rows else None
+        head = self._head_weight()
+        self._head_packed = pack_weight(head, rows) if rows else None
+        usable = rows and BoundedGreedy.usable(head)
+        self._greedy = BoundedGreedy(head, rows) if usable else None
         return self
 
     def trunk(
@@ -551,7 +609,10 @@ class AFM(nn.Module):
         return packed_linear(h, self._head_weight(), self._head_packed)
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
-        """Greedy next tokens (...) for hidden states (..., dim): the argmax of ``head(h)``."""
+        """Greedy next tokens (...) for hidden states (..., dim): the argmax of ``head(h)``
+        (through ``BoundedGreedy`` once prepacked)."""
+        if self._greedy is not None and not (torch.is_grad_enabled() and h.requires_grad):
+            return self._greedy(h)
         return argmax_last(self.head(h))
 
     def _head_weight(self) -> torch.Tensor:

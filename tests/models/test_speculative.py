@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.afm import AFM, argmax_last, config_from_preset, pack_weight, packed_linear
+from models.afm import (
+    AFM,
+    BoundedGreedy,
+    argmax_last,
+    config_from_preset,
+    pack_weight,
+    packed_linear,
+)
 from models.draft import Int4Draft
 from models.generate import Draft, generate, left_pad, prefill
 
@@ -209,6 +216,26 @@ def test_packed_linear_is_linear_for_any_row_count_and_layout():
     torch.testing.assert_close(packed_linear(strided, w, packed), F.linear(strided, w))
     assert pack_weight(w.double(), 8) is None  # fp32 only: other dtypes stay plain
     assert torch.equal(packed_linear(x, w, None), F.linear(x, w))
+
+
+@pytest.mark.skipif(
+    not BoundedGreedy.usable(torch.zeros(1)), reason="needs oneDNN with bf16 support"
+)
+def test_the_bf16_bounded_head_gives_the_fp32_argmax_ties_included():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 64, generator=g) * 0.3
+    w[1000] = w[7]  # an exact tie: the first index wins, as in argmax
+    w[2000] = w[9] * (1 + 1e-4)  # a near tie, well inside bf16's rounding (4e-3)
+    h = torch.randn(256, 64, generator=g)
+    h[:64] = w[7] * 3 + h[:64] * 0.01  # rows whose best tokens are the tied ones
+    h[64:96] = w[9] * 3 + h[64:96] * 0.01  # and the near-tied ones
+    h[96:] *= 5
+    greedy = BoundedGreedy(w, 8)
+    assert torch.equal(greedy(h), argmax_last(F.linear(h, w)))
+    assert torch.equal(greedy(h.view(16, 16, 64)), argmax_last(F.linear(h, w)).view(16, 16))
+    assert (greedy(h[:64]) == 7).all() and (greedy(h[64:96]) == 2000).all()
+    h[3, 5] = float("nan")  # falls back to the fp32 head
+    assert torch.equal(greedy(h), argmax_last(F.linear(h, w)))
 
 
 # ------------------------------------------------------------------------ the real SmolLM2
