@@ -26,9 +26,10 @@ class BuiltinBackend(TokenBackend):
         memory again, if that copy fits in ``prepack_bytes`` (2 GiB: SmolLM2-135M's 0.5 GB
         does, a 1B model's 4 GB does not).
     draft: "int4" (the default) makes greedy generation speculative (``models.generate.Draft``
-        over ``models.draft.Int4Draft``, CPU only): the same tokens, ~2.2x faster one prompt at
-        a time on a 2-core CPU and a few percent faster for 8 at once, for ~1/5 more weight
-        memory (benchmarks/generate_speed.py). None switches it off. Sampling never uses it.
+        over ``models.draft.Int4Draft``, CPU only) for batches of up to 6 prompts: the same
+        tokens, ~2x faster one prompt at a time on a 2-core CPU and 1.3x for 4, for ~1/5 more
+        weight memory (benchmarks/generate_speed.py); 8 prompts keep the CPU busy without it
+        and decode plainly. None switches it off. Sampling never uses it.
     """
 
     def __init__(
