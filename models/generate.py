@@ -6,7 +6,7 @@ here only as a ``should_stop`` callback.
 Speed on CPU comes from doing little per step: one preallocated ``KVCache`` for the whole run,
 ``torch.inference_mode``, fused projections in the model, logits only for the last position
 of the prompt, no mask at all when a batch has no padding, one flat loop per decoding step
-(``AFM.step``) with attention as two small matmuls (``attend``), a vectorised argmax
+(``AFM.step``) with attention as two small matmuls (``models.cpu.attend``), a vectorised argmax
 (``argmax_last``), and (opt-in, ``AFM.prepack``) weights prepacked for oneDNN, whose CPU
 matmuls are 2-3x faster than torch's default for decoding on AMD EPYC. What is left is
 memory traffic: a decoding step reads every weight once, so fp32 single-stream speed is
@@ -21,13 +21,15 @@ all 30) took 20 s and made a draft step only 12% faster.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from models.afm import AFM, KVCache, argmax_last
+from models.afm import AFM, KVCache
+from models.cpu import argmax_last
 from models.draft import Int4Draft
 
 
@@ -155,12 +157,10 @@ def prefill(
     prompts share 24 of ~40 tokens: the prompt pass runs 156 rows instead of 336.
     """
     B, T = tokens.shape
-    shared = 0
-    if B > 1:
-        shortest = min(map(len, prompts))
-        while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
-            shared += 1  # at least one token per row stays unshared: its logits are needed
-    if shared < min_shared:
+    # At least one token per row stays unshared: its logits are needed.
+    common = os.path.commonprefix([list(p) for p in prompts])
+    shared = min(len(common), min(map(len, prompts)) - 1)
+    if B == 1 or shared < min_shared:
         return model.trunk(tokens, positions, cache, key_valid)[:, -1]
     once = model.new_cache(1, shared)
     model.trunk(torch.tensor([list(prompts[0][:shared])], device=tokens.device), cache=once)

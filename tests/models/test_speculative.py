@@ -12,14 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.afm import (
-    AFM,
-    BoundedGreedy,
-    argmax_last,
-    config_from_preset,
-    pack_weight,
-    packed_linear,
-)
+from models.afm import AFM, config_from_preset
+from models.cpu import BoundedGreedy, argmax_last, pack_weight, packed_linear
 from models.draft import Int4Draft
 from models.generate import Draft, generate, left_pad, prefill
 
