@@ -3,9 +3,21 @@
 A checkpoint is a directory:
 
     model.safetensors   AFM state dict (fp32 unless imported otherwise)
-    config.json         {"format": "evalhub-afm", "version": 1, "model": AFMConfig fields,
-                         "provenance": {source, source_format, source_sha256, imported_at, ...}}
+    config.json         what the checkpoint is and where it came from (version 2):
+        format, version     "evalhub-afm", 2
+        model               AFMConfig fields
+        weights             the weight scheme: {"kind": "dense", "sha256": of model.safetensors};
+                            room for {"kind": "packed" | "palettized", "bits", "group", ...} and
+                            {"kind": "adapter", ...}; this loader reads "dense" only
+        step, metrics       training step and metrics of a trained checkpoint (None, {})
+        parent              {"path", "sha256"} of the checkpoint it was trained from, or None
+        source_commit       ``git rev-parse HEAD`` of the code that wrote it, or None
+        packages            versions of torch, transformers and evalhub that wrote it
+        provenance          {source, source_format, source_sha256, imported_at, ...}
     tokenizer.json, tokenizer_config.json (+ chat template)   the model's own tokenizer
+
+Version 1 configs (format, version, model, provenance) still load: ``read_config`` fills the
+version 2 fields with their empty values.
 
 GGUF weights are read with the ``gguf`` package (``GGUFReader`` memory-maps the file and
 ``gguf.quants.dequantize`` expands Q4_0/Q4_1/Q8_0/K-quants to fp32): about a second for
@@ -27,6 +39,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +53,8 @@ from models.afm import AFM, AFMConfig, rope_tables
 from models.backends.base import BackendError
 
 FORMAT = "evalhub-afm"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -49,6 +64,11 @@ class CheckpointError(BackendError):
 
     A BackendError, so callers that load models (jobs, the web process) catch one exception
     type and need not import this torch-heavy module to do so."""
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else the CPU: where models load and train unless told."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -265,14 +285,75 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
+def source_commit() -> str | None:
+    """``git rev-parse HEAD`` of the checkout this module runs from; None when there is none
+    (an installed package, no git binary, a broken repository). Never raises."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else None
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that shape a checkpoint (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in ("torch", "transformers", "evalhub"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _parent(parent: str | os.PathLike) -> dict:
+    """{"path", "sha256"} of a parent checkpoint directory: its recorded weights hash when
+    its config has one (version 2), else the hash of its weights file."""
+    path = Path(parent).resolve()
+    try:
+        digest = json.loads((path / CONFIG).read_text()).get("weights", {}).get("sha256")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        digest = None
+    if digest is None and (path / WEIGHTS).is_file():
+        digest = sha256_file(path / WEIGHTS)
+    return {"path": str(path), "sha256": digest}
+
+
 def save_checkpoint(
-    dst: Path, cfg: AFMConfig, state_dict: dict[str, torch.Tensor], provenance: dict
+    dst: Path,
+    cfg: AFMConfig,
+    state_dict: dict[str, torch.Tensor],
+    provenance: dict,
+    *,
+    step: int | None = None,
+    metrics: dict | None = None,
+    parent: str | os.PathLike | None = None,
 ) -> Path:
-    """Write weights and config; tokenizer files are the caller's (they come from the source)."""
+    """Write dense weights and a version 2 config.json (see the module docstring); tokenizer
+    files are the caller's (they come from the source). ``parent``: the checkpoint directory
+    these weights were trained from."""
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     save_file(tensors, dst / WEIGHTS, metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(), "provenance": provenance}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": cfg.to_dict(),
+        "weights": {"kind": "dense", "sha256": sha256_file(dst / WEIGHTS)},
+        "step": step,
+        "metrics": dict(metrics or {}),
+        "parent": _parent(parent) if parent is not None else None,
+        "source_commit": source_commit(),
+        "packages": package_versions(),
+        "provenance": provenance,
+    }
     (dst / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return dst
 
@@ -344,8 +425,22 @@ def _save_tokenizer(src: Path, kind: str, dst: Path) -> None:
         ) from e
 
 
+# What a version 1 config lacks, as read_config fills it in.
+_V1_DEFAULTS = {
+    "weights": {"kind": "dense"},
+    "step": None,
+    "metrics": {},
+    "parent": None,
+    "source_commit": None,
+    "packages": {},
+    "provenance": {},
+}
+
+
 def read_config(path: str | os.PathLike) -> tuple[AFMConfig, dict]:
-    """(model config, full config.json contents) of an EvalHub checkpoint directory."""
+    """(model config, full config.json contents) of an EvalHub checkpoint directory. A
+    version 1 config comes back with the version 2 fields at their empty values (and
+    "version": 1)."""
     file = Path(path) / CONFIG
     try:
         meta = json.loads(file.read_text())
@@ -355,23 +450,32 @@ def read_config(path: str | os.PathLike) -> tuple[AFMConfig, dict]:
         raise CheckpointError(f"{file}: corrupt JSON ({e})") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not an EvalHub checkpoint config (format != {FORMAT!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{file}: unsupported checkpoint version {meta.get('version')!r}")
+    meta = {**_V1_DEFAULTS, **meta}
     try:
         return AFMConfig.from_dict(meta["model"]), meta
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: invalid model config ({e})") from e
 
 
-def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> AFM:
-    """Load an EvalHub checkpoint directory into an eval-mode AFM. Raises CheckpointError.
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> AFM:
+    """Load an EvalHub checkpoint directory into an eval-mode AFM on ``device`` (the CPU
+    unless told; ``default_device()`` picks CUDA when there is one). Raises CheckpointError.
 
-    fp32 weights are memory-mapped copy-on-write from model.safetensors: loading is instant,
-    worker processes share the page cache, and the first forward pass pages the weights in.
-    Do not truncate or rewrite the file while a model loaded from it is in use.
+    On the CPU, fp32 weights are memory-mapped copy-on-write from model.safetensors: loading
+    is instant, worker processes share the page cache, and the first forward pass pages the
+    weights in. Do not truncate or rewrite the file while a model loaded from it is in use.
     """
     path = Path(path)
-    cfg, _ = read_config(path)
+    cfg, meta = read_config(path)
+    if meta["weights"].get("kind") != "dense":
+        raise CheckpointError(f"{path}: weight scheme {meta['weights']!r} is not loadable here")
     sd = read_safetensors(path / WEIGHTS)
     with torch.device("meta"):
         model = AFM(cfg)  # no time spent on a random init that is overwritten at once
@@ -384,8 +488,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
             f"{path / WEIGHTS}: does not match config.json: missing {missing[:5]}"
             f", unexpected {extra[:5]}, wrong shape {bad[:5]}"
         )
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    model.load_state_dict({k: v.to(device, dtype) for k, v in sd.items()}, assign=True)
     # Buffers (RoPE tables) were created on the meta device: rebuild them for real.
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
-    model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)
+    model.rope_cos, model.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
     return model.eval()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from models.backends.base import GenerationArgs, TokenBackend
-from models.checkpoint import load_checkpoint, read_config
+from models.checkpoint import default_device, load_checkpoint, read_config
 from models.draft import Int4Draft
 from models.generate import Draft, generate
 from models.prefix import PrefixScorer
@@ -30,6 +30,8 @@ class BuiltinBackend(TokenBackend):
         tokens, ~2x faster one prompt at a time on a 2-core CPU and 1.3x for 4, for ~1/5 more
         weight memory (benchmarks/generate_speed.py); 8 prompts keep the CPU busy without it
         and decode plainly. None switches it off. Sampling never uses it.
+    device: where the model runs; None: CUDA when available, else the CPU. Weights stay fp32.
+        prepack and the int4 draft are CPU speed paths and are skipped on other devices.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class BuiltinBackend(TokenBackend):
         prepack: bool = True,
         prepack_bytes: int = 2 * 2**30,
         draft: str | None = "int4",
+        device: str | torch.device | None = None,
     ):
         if draft not in (None, "int4"):
             raise ValueError(f"unknown draft {draft!r}; known: 'int4' or None")
@@ -49,10 +52,12 @@ class BuiltinBackend(TokenBackend):
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         _, self.meta = read_config(self.path)
-        self.model = load_checkpoint(self.path)
-        self.draft = Draft(Int4Draft(self.model)) if draft else None
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = load_checkpoint(self.path, device=self.device)
+        cpu = self.device.type == "cpu"
+        self.draft = Draft(Int4Draft(self.model)) if draft and cpu else None
         size = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        if prepack and size <= prepack_bytes:
+        if prepack and cpu and size <= prepack_bytes:
             self.model.prepack(batch_size)
         self.tokenizer = load_tokenizer(self.path)
         # Shared few-shot prefixes (MMLU's per-subject exemplars) are computed once.
@@ -91,6 +96,7 @@ class BuiltinBackend(TokenBackend):
         return {
             "kind": "builtin",
             "location": str(self.path),
+            "device": str(self.device),
             "config": self.meta["model"],
             "provenance": self.meta.get("provenance", {}),
             "parameters": self.model.num_params(),
