@@ -1,5 +1,8 @@
 """Eval runs: run a suite on a registered model as a resumable job, keep every sample, compare
-runs, and flag nightly regressions. The scoring and statistics live in ``suites/``."""
+runs, and flag nightly regressions. The scoring and statistics live in ``suites/``; what differs
+between suites (nightly sample, judges, drilldown filters) is an attribute of the suite class.
+The Celery side (the job, the shard fan-out) is in ``evalhub/tasks.py``, which imports this
+module; this module never imports it."""
 
 import os
 import platform
@@ -10,7 +13,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from evalhub.jobs import DEFERRED, JobError, job_submit
+from evalhub.jobs import JobError, job_submit
 from evalhub.models import EvalRun, EvalSample, Job, JobStep, ModelVersion
 from evalhub.registry import backend_for
 from models.backends import BackendError
@@ -21,8 +24,6 @@ from suites.runner import run_suite
 from suites.stats import paired_bootstrap_diff
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "django", "celery")
-# The nightly sample per suite: what fits a night on two CPU cores for a small model.
-NIGHTLY_LIMITS = {"gsm8k": 50, "mmlu": 200, "ifeval": 50}
 
 
 def eval_submit(*, model: ModelVersion, suite: str, limit: int | None = None,
@@ -42,21 +43,9 @@ def eval_submit(*, model: ModelVersion, suite: str, limit: int | None = None,
 def evaluate_run(run: EvalRun, job: Job | None = None, on_batch=None, shard=None):
     """Score the run's missing samples, store each batch as it finishes, then aggregate.
 
-    With ``settings.shards`` = n > 1 and no ``shard`` given, the run is split instead: n shard
-    tasks go to the queue (any worker on any machine takes them) and DEFERRED is returned; the
-    last shard to finish aggregates and completes the job (``finish_shard``). This is a chord
-    without a result backend: the fan-in is a count of shard steps in the job's own ledger, so
-    it survives worker crashes and works on the embedded broker too.
+    ``shard`` = (k, n) scores the k-th of n slices only; the last shard to finish aggregates
+    and completes the job (``finish_shard``). The fan-out is ``evalhub.tasks.evaluate``.
     """
-    n_shards = int(run.settings.get("shards") or 1)
-    if shard is None and n_shards > 1 and job is not None:
-        from evalhub.tasks import eval_shard
-
-        for k in range(n_shards):
-            transaction.on_commit(lambda k=k: eval_shard.apply_async(
-                args=[run.pk, k, n_shards], queue="models"))
-        job.report(0.0, f"split into {n_shards} shards")
-        return DEFERRED
     suite = build_suite(run)
     try:
         backend = backend_for(run.model)
@@ -88,7 +77,7 @@ def _aggregate(run: EvalRun, suite, meta: dict, backend) -> dict:
     stored = [SampleResult(s.example_id, s.metrics, s.extracted, s.details)
               for s in run.samples.all()]
     run.metrics = suite.aggregate(stored)
-    if run.suite in ("safety", "overrefusal"):
+    if suite.judged:
         run.metrics["judge_vs_human"] = judge_agreement_with_humans(run, suite)
     run.manifest = manifest(run, meta, backend)
     run.regressions = regressions(run, suite.headline, lower_is_better=suite.lower_is_better)
@@ -134,12 +123,13 @@ def judge_agreement_with_humans(run: EvalRun, suite) -> dict:
 
 
 def build_suite(run: EvalRun):
-    """The run's suite; safety suites take ``settings.judge`` = "reward:<model name>" to judge
-    harm with a registered reward model (harmful below ``settings.judge_threshold``)."""
+    """The run's suite; judged suites (``Suite.judged``) take ``settings.judge`` =
+    "reward:<model name>" to judge harm with a registered reward model (harmful below
+    ``settings.judge_threshold``)."""
     judge_spec = run.settings.get("judge") or ""
     if not judge_spec:
         return REGISTRY[run.suite]()
-    if run.suite not in ("safety", "overrefusal") or not judge_spec.startswith("reward:"):
+    if not REGISTRY[run.suite].judged or not judge_spec.startswith("reward:"):
         raise JobError(f"unsupported judge {judge_spec!r} for suite {run.suite}")
     from evalhub.rewards import reward_model_for
     from suites.safety.judges import RewardJudge
@@ -230,9 +220,12 @@ def regressions(run: EvalRun, metric: str, lower_is_better: bool = False) -> lis
 
 
 def nightly_submit() -> list[int]:
-    """Evaluate every tracked model on every suite with the nightly sample sizes."""
+    """Evaluate every tracked model on every suite with a ``nightly_limit``, that many
+    examples each."""
     runs = []
     for model in ModelVersion.objects.filter(tracked=True, kind=ModelVersion.POLICY):
-        for suite, limit in NIGHTLY_LIMITS.items():
-            runs.append(eval_submit(model=model, suite=suite, limit=limit, nightly=True).pk)
+        for name, suite in REGISTRY.items():
+            if suite.nightly_limit:
+                runs.append(eval_submit(model=model, suite=name, limit=suite.nightly_limit,
+                                        nightly=True).pk)
     return runs

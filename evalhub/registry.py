@@ -1,12 +1,10 @@
-"""The model registry's writes and the per-process cache of loaded backends.
+"""The model registry's writes and the process's one cache of loaded models (``LOADED``:
+generation backends here, reward models in ``evalhub/rewards.py``).
 
 Views, tasks and commands call these; the model code itself lives in ``models/``.
 """
 
 import importlib.util
-import os
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from django.conf import settings
@@ -14,9 +12,10 @@ from django.db import transaction
 
 from evalhub.models import ModelVersion
 from models.backends import Backend, load_backend
+from models.cache import ModelCache
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
-MAX_LOADED = int(os.environ.get("EVALHUB_MAX_LOADED_MODELS", "2"))
+LOADED = ModelCache(settings.MODEL_CACHE_BYTES)
 
 
 def smollm2_gguf() -> Path | None:
@@ -67,20 +66,7 @@ def model_import(*, src: str | Path, name: str, user=None, progress: bool = Fals
             created_by=user, description=description, **checkpoint_stats(dst))
 
 
-_cache: "OrderedDict[tuple, Backend]" = OrderedDict()
-_cache_lock = threading.Lock()
-
-
 def backend_for(model: ModelVersion) -> Backend:
-    """A loaded backend for a registered model, kept in a small per-process LRU cache."""
-    key = (model.pk, model.backend, model.location, repr(sorted(model.params.items())))
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-    backend = load_backend(model.backend, model.location, **model.params)
-    with _cache_lock:
-        _cache[key] = backend
-        while len(_cache) > MAX_LOADED:
-            _cache.popitem(last=False)
-    return backend
+    """A loaded backend for a registered model, from the process's model cache."""
+    key = ("backend", model.pk, model.backend, model.location, repr(sorted(model.params.items())))
+    return LOADED.get(key, lambda: load_backend(model.backend, model.location, **model.params))

@@ -9,33 +9,13 @@ from django.db import transaction
 
 from evalhub.jobs import JobError
 from evalhub.models import Job, ModelVersion
-from grading.models import Campaign
-from grading.quality import single_sided_grades
-
-_loaded: dict[tuple, object] = {}
-
-
-def preferences_from_campaigns(campaign_ids: list[int]):
-    """Preference pairs from side-by-side campaigns, each response carrying the mean
-    single-sided aspect grades it received in any campaign (matched on prompt and text)."""
-    from grading.tasks import export_rows
-    from models.reward import Preference
-
-    grades = single_sided_grades()
-    prefs = []
-    for campaign in Campaign.objects.filter(pk__in=campaign_ids, kind="side_by_side"):
-        for row in export_rows(campaign):
-            prefs.append(Preference(
-                prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"],
-                level=row["level"],
-                chosen_aspects=grades.get((row["prompt"], row["chosen"]), {}),
-                rejected_aspects=grades.get((row["prompt"], row["rejected"]), {})))
-    return prefs
+from evalhub.registry import LOADED
+from grading.exports import preferences_from_campaigns
 
 
 def train_reward_job(job: Job) -> dict:
-    from models.reward import (evaluate_reward_model, labels_hash, load_preferences_jsonl,
-                               save_reward_model, split_by_prompt, train_reward_model)
+    from models.preferences import labels_hash, load_preferences_jsonl, split_by_prompt
+    from models.reward import evaluate_reward_model, save_reward_model, train_reward_model
     from models.reward_backbones import decoder_backbone, minilm_backbone
 
     p = job.params
@@ -66,7 +46,8 @@ def train_reward_job(job: Job) -> dict:
 
     model, report = train_reward_model(
         train, held_out, backbone, loss=p.get("loss", "soft"), epochs=int(p.get("epochs", 3)),
-        lr=float(p.get("lr", 1e-3)), batch_size=int(p.get("batch_size", 32)),
+        lr=float(p["lr"]) if p.get("lr") is not None else None,  # None: by backbone
+        batch_size=int(p.get("batch_size", 32)),
         aspect_weight=float(p.get("aspect_weight", 0.1)), seed=int(p.get("seed", 0)),
         progress=progress)
     metrics = evaluate_reward_model(model, held_out) if held_out else {}
@@ -87,13 +68,10 @@ def train_reward_job(job: Job) -> dict:
 
 
 def reward_model_for(version: ModelVersion):
-    """A loaded reward model for a registered one, cached per process."""
+    """A loaded reward model for a registered one, from the process's model cache."""
     from models.reward import load_reward_model
 
     if version.kind != ModelVersion.REWARD:
         raise ValueError(f"{version.name} is not a reward model")
-    key = (version.pk, version.location)
-    if key not in _loaded:
-        _loaded.clear()  # keep one reward model resident: they can be large
-        _loaded[key] = load_reward_model(version.location)
-    return _loaded[key]
+    return LOADED.get(("reward", version.pk, version.location),
+                      lambda: load_reward_model(version.location))

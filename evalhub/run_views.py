@@ -55,20 +55,23 @@ def run_list(request):
 @researcher_required
 def run_detail(request, run_id: int):
     run = get_object_or_404(EvalRun.objects.select_related("model", "job"), pk=run_id)
+    suite = REGISTRY.get(run.suite)
+    detail_filter = suite.detail_filter if suite else None
     samples = run.samples.all()
     if request.GET.get("failures") == "1":
         samples = samples.filter(passed=False)
     if request.GET.get("category"):
         samples = samples.filter(category=request.GET["category"])
-    if request.GET.get("instruction"):
-        samples = samples.filter(details__instructions__contains=[request.GET["instruction"]])
+    if detail_filter and request.GET.get("detail"):
+        samples = samples.filter(**{f"details__{detail_filter.key}__contains":
+                                    [request.GET["detail"]]})
     page = Paginator(samples, 25).get_page(request.GET.get("page"))
     categories = (run.samples.exclude(category="").values_list("category", flat=True)
                   .distinct().order_by("category"))
     others = EvalRun.objects.filter(suite=run.suite, metrics__isnull=False).exclude(pk=run.pk)
     return render(request, "evalhub/run_detail.html", {
         "run": run, "page": page, "categories": categories, "others": others[:50],
-        "headline": REGISTRY[run.suite].headline if run.suite in REGISTRY else ""})
+        "detail_filter": detail_filter, "headline": suite.headline if suite else ""})
 
 
 @researcher_required

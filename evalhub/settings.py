@@ -65,6 +65,10 @@ VAR_DIR = Path(env_str("EVALHUB_VAR_DIR", str(BASE_DIR / "var"))).resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 MEDIA_ROOT = VAR_DIR / "media"  # job outputs (exports, checkpoints) live here
 MEDIA_URL = "/media/"
+# Loaded models (generation backends, reward models) share one per-process LRU cache of this
+# many bytes of tensors; an entry bigger than the budget still loads, alone. SmolLM2-135M in
+# fp32 is ~0.55 GB, a MiniLM reward model ~0.09 GB.
+MODEL_CACHE_BYTES = env_int("EVALHUB_MODEL_CACHE_BYTES", 4 * 2**30)
 
 DEBUG = env_bool("DEBUG", False)
 

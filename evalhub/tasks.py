@@ -1,4 +1,6 @@
-"""Platform jobs: the demo job and broker housekeeping."""
+"""Platform jobs: the demo job, broker housekeeping, and the model jobs (generation, imports,
+eval runs and their shards, reward training). Thin wrappers: the work is in the modules they
+import, none of which imports this one back."""
 
 import math
 import time
@@ -6,8 +8,9 @@ import traceback
 
 from celery import shared_task
 from django.conf import settings
+from django.db import transaction
 
-from evalhub.jobs import JobError, job_task, run_steps
+from evalhub.jobs import DEFERRED, JobError, job_task, run_steps
 from evalhub.models import Job, JobCancelled
 
 
@@ -72,14 +75,26 @@ def import_model(job: Job) -> dict:
 
 @job_task(kind="evaluate", queue="models", soft_time_limit=8 * 3600)
 def evaluate(job: Job) -> dict:
-    """Run one EvalRun (model × suite × settings); resumes from its stored samples."""
+    """Run one EvalRun (model × suite × settings); resumes from its stored samples.
+
+    With ``settings.shards`` = n > 1 the run is split instead: n ``eval_shard`` tasks go to the
+    queue (any worker on any machine takes them) and the last to finish completes the job. A
+    chord without a result backend: the fan-in is a count of shard steps in the job's own
+    ledger, so it survives worker crashes and works on the embedded broker too."""
     from evalhub.evaluation import evaluate_run
     from evalhub.models import EvalRun
 
     run = EvalRun.objects.select_related("model").filter(pk=job.params.get("run_id")).first()
     if run is None:
         raise JobError("the eval run no longer exists")
-    return evaluate_run(run, job)
+    n = int(run.settings.get("shards") or 1)
+    if n == 1:
+        return evaluate_run(run, job)
+    for k in range(n):
+        transaction.on_commit(lambda k=k: eval_shard.apply_async(args=[run.pk, k, n],
+                                                                 queue="models"))
+    job.report(0.0, f"split into {n} shards")
+    return DEFERRED
 
 
 @shared_task(name="evalhub.eval_shard", acks_late=True, reject_on_worker_lost=True,

@@ -18,15 +18,16 @@ Features, with references:
 - evaluation: pairwise accuracy overall and per level, Spearman against aspect grades,
   expected calibration error of σ(r_c − r_r) against the soft targets (Guo et al. 2017,
   arXiv:1706.04599, 10 equal-width bins); best-of-N reranking; safetensors + JSON save/load.
+
+The levels, their soft targets and margins, and the ``Preference`` record with its JSONL
+loading and splitting live in ``models.preferences``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,102 +38,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.preferences import (
+    DEFAULT_MARGINS,
+    DEFAULT_SOFT_TARGETS,
+    LEVELS,
+    STRENGTHS,
+    TIES,
+    Preference,
+    labels_hash,
+)
 from models.reward_backbones import Backbone, backbone_from_reference
+from models.train import TrainConfig
+from models.train import train as run_training
 
-STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
-TIES = ("tie_both_good", "tie_both_bad")
-LEVELS = STRENGTHS + TIES  # grading.models.Label's levels, strongest first
-# P(chosen beats rejected) per level. AFM describes the soft-label loss but not its targets:
-# these are EvalHub defaults, recorded with every trained model so runs stay comparable.
-DEFAULT_SOFT_TARGETS = dict(zip(LEVELS, (0.95, 0.85, 0.7, 0.6, 0.5, 0.5)))
-# Llama 2 "margin small" (arXiv:2307.09288, Table 28); ties get no margin loss at all.
-DEFAULT_MARGINS = dict(zip(STRENGTHS, (1.0, 2 / 3, 1 / 3, 0.0)))
 FORMAT, VERSION = "evalhub-reward", 1
-
-
-# ------------------------------------------------------------------------------------ data
-@dataclass(frozen=True)
-class Preference:
-    """One graded comparison. For ties, ``chosen``/``rejected`` are just first/second."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-    level: str
-    chosen_aspects: dict[str, int] = field(default_factory=dict)  # aspect -> grade 1..5
-    rejected_aspects: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"unknown preference level {self.level!r}; known: {LEVELS}")
-        for grades in (self.chosen_aspects, self.rejected_aspects):
-            for key, grade in grades.items():
-                if not isinstance(grade, int) or isinstance(grade, bool) or not 1 <= grade <= 5:
-                    raise ValueError(f"aspect {key!r}: grade {grade!r} is not an integer 1..5")
-
-    @property
-    def tie(self) -> bool:
-        return self.level in TIES
-
-
-def _as_text(value) -> str:
-    """TRL's conversational rows hold message lists; the reward sees their contents joined."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
-        return "\n\n".join(str(m["content"]) for m in value)
-    raise ValueError(f"expected a string or a list of messages, got {type(value).__name__}")
-
-
-def _row_preference(row: dict) -> Preference:
-    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-    if missing:
-        raise ValueError(f"missing {missing} (a single-sided export is not a preference file)")
-    tie = bool(row.get("tie", False))
-    # Plain TRL / OpenRLHF files carry no level: an ungraded preference counts as "better".
-    level = row.get("level") or ("tie_both_good" if tie else "better")
-    if tie != (level in TIES):
-        raise ValueError(f"tie={tie} contradicts level {level!r}")
-    aspects = row.get("aspects") or {}
-    if not isinstance(aspects, dict) or not set(aspects) <= {"chosen", "rejected"}:
-        raise ValueError("aspects must be {} or {'chosen': {...}, 'rejected': {...}}")
-    texts = [_as_text(row[k]) for k in ("prompt", "chosen", "rejected")]
-    return Preference(*texts, level, aspects.get("chosen", {}), aspects.get("rejected", {}))
-
-
-def load_preferences_jsonl(path: str | os.PathLike) -> list[Preference]:
-    """Read the TRL / OpenRLHF preference JSONL that ``grading.tasks.export_labels`` writes
-    (prompt, chosen, rejected, level, tie, aspects; other keys are ignored)."""
-    prefs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                prefs.append(_row_preference(json.loads(line)))
-            except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-                raise ValueError(f"{path}:{number}: {e}") from e
-    return prefs
-
-
-def split_by_prompt(
-    prefs: Sequence[Preference], held_out: float = 0.2, seed: int = 0
-) -> tuple[list[Preference], list[Preference]]:
-    """(train, held_out) with every prompt on one side only, so held-out accuracy measures
-    generalisation to new prompts rather than memorised ones."""
-    if not 0 < held_out < 1:
-        raise ValueError("held_out must be a fraction in (0, 1)")
-    prompts = sorted({p.prompt for p in prefs})
-    random.Random(seed).shuffle(prompts)
-    n = min(max(1, round(held_out * len(prompts))), len(prompts) - 1) if len(prompts) > 1 else 0
-    test = set(prompts[:n])
-    return [p for p in prefs if p.prompt not in test], [p for p in prefs if p.prompt in test]
-
-
-def labels_hash(prefs: Sequence[Preference]) -> str:
-    """sha256 over the labels, order-independent: the same label set always hashes the same."""
-    rows = sorted(json.dumps(asdict(p), sort_keys=True, ensure_ascii=False) for p in prefs)
-    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------- losses
@@ -301,18 +220,32 @@ def _batch_loss(
 ) -> torch.Tensor:
     rewards, aspect_pred = model.pairs(batch)  # (B, 2), (B, 2, A) | None
     r_a, r_b = rewards[:, 0], rewards[:, 1]
+    device = rewards.device
     if loss == "soft":
-        out = soft_bt_loss(r_a, r_b, torch.tensor([model.soft_targets[p.level] for p in batch]))
+        targets = torch.tensor([model.soft_targets[p.level] for p in batch], device=device)
+        out = soft_bt_loss(r_a, r_b, targets)
     elif loss == "hard":
         out = hard_bt_loss(r_a, r_b)
     else:
-        out = margin_bt_loss(r_a, r_b, torch.tensor([margins[p.level] for p in batch]))
+        margin = torch.tensor([margins[p.level] for p in batch], device=device)
+        out = margin_bt_loss(r_a, r_b, margin)
     if aspect_pred is not None and aspect_weight:
         sides = [(p.chosen_aspects, p.rejected_aspects) for p in batch]
-        grades = torch.tensor([[[g.get(a, 0) for a in model.aspects] for g in gs] for gs in sides])
-        grades = grades.float()  # (B, 2, A), 0 = ungraded
+        grades = torch.tensor(
+            [[[g.get(a, 0) for a in model.aspects] for g in gs] for gs in sides], device=device
+        ).float()  # (B, 2, A), 0 = ungraded
         out = out + aspect_weight * aspect_loss(aspect_pred, grades, grades > 0)
     return out
+
+
+HEAD_LR = 1e-3  # heads on frozen features: a linear probe, converges in a few epochs here
+FINETUNE_LR = 1e-5  # decoder blocks training: InstructGPT's reward models used 9e-6 (Ouyang
+# et al. 2022, appendix C.2); 1e-3 moves pretrained blocks far enough to forget
+
+
+def default_lr(backbone: Backbone) -> float:
+    """The learning rate for ``backbone``: FINETUNE_LR when any of its weights train."""
+    return FINETUNE_LR if any(p.requires_grad for p in backbone.parameters()) else HEAD_LR
 
 
 def train_reward_model(
@@ -322,7 +255,7 @@ def train_reward_model(
     *,
     loss: str = "soft",
     epochs: int = 3,
-    lr: float = 1e-3,  # for heads on frozen features; ~1e-5 when decoder blocks train
+    lr: float | None = None,  # None: default_lr(backbone)
     batch_size: int = 32,
     aspect_weight: float = 0.1,  # AFM gives no value; small, so the pairwise loss dominates
     weight_decay: float = 0.0,
@@ -331,8 +264,10 @@ def train_reward_model(
     margins: dict[str, float] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[RewardModel, TrainReport]:
-    """Train a reward head (and the backbone's trainable part) with AdamW at a constant lr.
-    ``loss``: "soft" (AFM soft labels, ties kept), "hard" or "margin" (ties dropped)."""
+    """Train a reward head (and the backbone's trainable part) with AdamW at a constant lr,
+    through ``models.train.train`` on the device the backbone is on (no clipping, no warm-up,
+    torch's AdamW betas and eps). ``loss``: "soft" (AFM soft labels, ties kept), "hard" or
+    "margin" (ties dropped). ``progress(step, total, loss)`` after every optimizer step."""
     if loss not in ("soft", "hard", "margin"):
         raise ValueError(f"loss must be soft, hard or margin, not {loss!r}")
     margins = dict(margins or DEFAULT_MARGINS)
@@ -343,7 +278,7 @@ def train_reward_model(
     aspects = sorted({a for p in used for a in (*p.chosen_aspects, *p.rejected_aspects)})
     model = RewardModel(backbone, aspects, soft_targets, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    lr = default_lr(backbone) if lr is None else lr
     per_epoch = math.ceil(len(used) / batch_size)
     report = TrainReport(
         loss,
@@ -360,22 +295,38 @@ def train_reward_model(
         seed,
         backbone.reference(),
     )
-    g, step, start = torch.Generator().manual_seed(seed), 0, time.perf_counter()
-    for _ in range(epochs):
-        model.train()
-        total = 0.0
-        for i in torch.randperm(len(used), generator=g).split(batch_size):
-            value = _batch_loss(model, [used[j] for j in i], loss, aspect_weight, margins)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-            step, total = step + 1, total + value.item() * len(i)
-            if progress is not None:
-                progress(step, report.steps, value.item())
-        report.train_loss.append(total / len(used))
-        report.held_out_loss.append(
-            _mean_loss(model, held, loss, aspect_weight, margins, batch_size)
-        )
+    config = TrainConfig(
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=(0.9, 0.999),  # torch's AdamW defaults, which reward training has always used
+        eps=1e-8,
+        schedule="constant",
+        warmup_ratio=0.0,
+        batch_size=batch_size,
+        clip_norm=None,
+        epochs=epochs,
+        seed=seed,
+        device=str(params[0].device),
+    )
+    seen = 0.0  # summed loss over this epoch's pairs so far
+
+    def step_done(step: int, total: int, metrics: dict[str, float]) -> None:
+        nonlocal seen
+        seen += metrics["loss"] * metrics["examples"]
+        if progress is not None:
+            progress(step, total, metrics["loss"])
+        if step % per_epoch == 0:  # an epoch ends
+            report.train_loss.append(seen / len(used))
+            report.held_out_loss.append(
+                _mean_loss(model, held, loss, aspect_weight, margins, batch_size)
+            )
+            seen = 0.0
+
+    def batch_loss(indices: torch.Tensor) -> torch.Tensor:
+        return _batch_loss(model, [used[j] for j in indices.tolist()], loss, aspect_weight, margins)
+
+    start = time.perf_counter()
+    run_training(model, batch_loss, len(used), config, params=params, progress=step_done)
     report.seconds = time.perf_counter() - start
     return model.eval(), report
 

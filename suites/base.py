@@ -91,6 +91,15 @@ class SampleResult:
         )
 
 
+@dataclass(frozen=True)
+class DetailFilter:
+    """A list-valued ``details`` key that run pages let researchers filter samples by."""
+
+    key: str  # e.g. "instructions": samples whose details[key] contains the value match
+    label: str  # the filter's label on the run page
+    example: str = ""  # a value to show as the placeholder
+
+
 E = TypeVar("E")  # a suite's example type: a frozen dataclass with an `id: str` field
 
 
@@ -106,6 +115,11 @@ class Suite(Generic[E]):
     headline: ClassVar[str]  # the per-sample metric leaderboards show and regressions watch
     lower_is_better: ClassVar[bool] = False  # True when the headline counts failures
     category: ClassVar[str] = ""  # the `details` key that groups samples in drilldowns
+    detail_filter: ClassVar[DetailFilter | None] = None  # a further drilldown filter, if any
+    nightly_limit: ClassVar[int | None] = None  # examples per nightly run; None: not nightly
+    # True when `score` asks a harm judge (`self.judge`, a `judge=` constructor argument): a
+    # registered reward model may stand in for it, and human grades measure its agreement.
+    judged: ClassVar[bool] = False
     spec: SuiteSpec
 
     def examples(self, limit: int | None = None) -> list[E]:

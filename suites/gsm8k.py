@@ -129,6 +129,7 @@ class GSM8K(Suite[GSM8KExample]):
     name = "gsm8k"
     headline = "strict_match"
     version = "1.0"
+    nightly_limit = 50  # ~256 generated tokens each: what a night on two CPU cores allows
 
     def __init__(self, data_path: Path | str | None = None, chat: bool = False) -> None:
         self.data_path = Path(data_path) if data_path else package_file(*DATA)

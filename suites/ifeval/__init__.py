@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from suites.base import (
+    DetailFilter,
     GenerateRequest,
     GenerationArgs,
     Request,
@@ -53,6 +54,8 @@ class IFEval(Suite[IFEvalExample]):
     name = "ifeval"
     headline = "prompt_level_strict_acc"
     version = "1.0"
+    nightly_limit = 50  # generated answers, as GSM8K
+    detail_filter = DetailFilter("instructions", "Instruction", "punctuation:no_comma")
 
     def __init__(self, data_path: Path | str | None = None, chat: bool = True) -> None:
         self.data_path = Path(data_path) if data_path else package_file(*DATA)

@@ -128,6 +128,7 @@ class Safety(Suite[SafetyExample]):
     lower_is_better = True
     category = "category"
     version = "1.0"
+    judged = True
 
     def __init__(
         self,
@@ -195,6 +196,7 @@ class OverRefusal(Suite[SafetyExample]):
     lower_is_better = True
     category = "category"
     version = "1.0"
+    judged = True
 
     def __init__(
         self, judge: Judge | None = None, data_path: Path | str | None = None, chat: bool = True

@@ -121,13 +121,28 @@ def test_run_drilldown_filters_failures_and_flags_show_in_json(login, carol, smo
 def test_nightly_submits_a_run_per_tracked_model_and_suite(smol, django_capture_on_commit_callbacks):
     from unittest import mock
 
-    from evalhub.evaluation import NIGHTLY_LIMITS, nightly_submit
+    from evalhub.evaluation import nightly_submit
 
     with mock.patch.object(KINDS["evaluate"], "apply_async") as enqueue:
         with django_capture_on_commit_callbacks(execute=True):
             nightly_submit()
-    assert EvalRun.objects.filter(nightly=True).count() == len(NIGHTLY_LIMITS)
-    assert enqueue.call_count == len(NIGHTLY_LIMITS)
+    limits = dict(EvalRun.objects.filter(nightly=True).values_list("suite", "settings__limit"))
+    assert limits == {"gsm8k": 50, "mmlu": 200, "ifeval": 50}  # the suites' nightly_limit
+    assert enqueue.call_count == 3
+
+
+def test_a_suites_detail_filter_narrows_the_run_page(login, carol, smol):
+    run = EvalRun.objects.create(model=smol, suite="ifeval", metrics={"n": 2})
+    EvalSample.objects.bulk_create([
+        EvalSample(run=run, example_id="comma", details={"instructions": ["punctuation:no_comma"]}),
+        EvalSample(run=run, example_id="upper", details={"instructions": ["change_case:upper"]})])
+    client = login(carol)
+    page = client.get(reverse("run_detail", args=[run.pk]) + "?detail=change_case:upper")
+    assert 'name="detail"' in page.content.decode()
+    assert [s.example_id for s in page.context["page"]] == ["upper"]
+    gsm8k = _synthetic_run(smol, [1.0, 0.0])  # no detail filter: the parameter is ignored
+    page = client.get(reverse("run_detail", args=[gsm8k.pk]) + "?detail=x")
+    assert 'name="detail"' not in page.content.decode() and len(page.context["page"]) == 2
 
 
 def test_a_sharded_run_fans_out_and_the_last_shard_completes_it(

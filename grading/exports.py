@@ -1,0 +1,108 @@
+"""Label exports: rows in the TRL / OpenRLHF preference schema, written as JSONL, CSV or
+Parquet, and the preference records reward training reads. Plain functions; the Celery task
+that runs an export as a job is a thin wrapper in ``grading/tasks.py``."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from grading.models import Campaign, Label, Response
+from grading.quality import single_sided_grades
+from models.preferences import Preference
+
+CHUNK = 5000
+FORMATS = ("jsonl", "csv", "parquet")
+
+
+def export_file(campaign: Campaign, fmt: str, path: Path, progress=None) -> int:
+    """Write the campaign's labels to ``path`` in ``fmt``; returns the row count.
+
+    The rows go to a ``.partial`` sibling first and are renamed into place, so a half-written
+    file is never offered for download."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}")
+    rows = export_rows(campaign, progress=progress)
+    tmp = path.with_suffix(".partial")
+    _write(rows, tmp, fmt)
+    tmp.replace(path)
+    return len(rows)
+
+
+def export_rows(campaign: Campaign, progress=None) -> list[dict]:
+    """One dict per label. Side by side: prompt, chosen, rejected (for ties: first and second
+    response as uploaded, with ``tie`` true), level; single-sided: prompt, completion, aspects."""
+    labels = Label.objects.filter(campaign=campaign).order_by("id")
+    total = labels.count()
+    values = labels.values("id", "item_id", "item__prompt", "item__external_id", "rater_id",
+                           "rater__username", "preferred_id", "level", "scores", "unsafe",
+                           "comment", "seconds", "late", "gold_correct", "created_at")
+    rows, batch = [], []
+    for label in values.iterator(chunk_size=CHUNK):
+        batch.append(label)
+        if len(batch) == CHUNK:
+            rows.extend(_rows(campaign, batch))
+            batch = []
+            if progress:
+                progress(len(rows), total)
+    rows.extend(_rows(campaign, batch))
+    return rows
+
+
+def preferences_from_campaigns(campaign_ids: list[int]) -> list[Preference]:
+    """Preference pairs from side-by-side campaigns, each response carrying the mean
+    single-sided aspect grades it received in any campaign (matched on prompt and text)."""
+    grades = single_sided_grades()
+    prefs = []
+    for campaign in Campaign.objects.filter(pk__in=campaign_ids, kind="side_by_side"):
+        for row in export_rows(campaign):
+            prefs.append(Preference(
+                prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"],
+                level=row["level"],
+                chosen_aspects=grades.get((row["prompt"], row["chosen"]), {}),
+                rejected_aspects=grades.get((row["prompt"], row["rejected"]), {})))
+    return prefs
+
+
+def _rows(campaign: Campaign, labels: list[dict]) -> list[dict]:
+    """Rows for a batch of labels, with their responses fetched in one query (no N+1)."""
+    grouped = {}
+    responses = Response.objects.filter(item_id__in={label["item_id"] for label in labels})
+    for r in responses.values("id", "item_id", "position", "text", "model_name"):
+        grouped.setdefault(r["item_id"], []).append(r)
+    for group in grouped.values():
+        group.sort(key=lambda r: r["position"])
+    return [_row(campaign, label, grouped[label["item_id"]]) for label in labels]
+
+
+def _row(campaign: Campaign, label: dict, responses: list[dict]) -> dict:
+    common = {"prompt": label["item__prompt"], "item_id": label["item_id"],
+              "external_id": label["item__external_id"], "rater_id": label["rater_id"],
+              "rater": label["rater__username"], "label_id": label["id"],
+              "seconds": label["seconds"], "late": label["late"],
+              "gold_correct": label["gold_correct"], "created_at": label["created_at"].isoformat()}
+    if not campaign.is_side_by_side:
+        r = responses[0]
+        return {**common, "completion": r["text"], "model": r["model_name"],
+                "aspects": label["scores"], "unsafe": label["unsafe"], "comment": label["comment"]}
+    tie = label["preferred_id"] is None
+    chosen = responses[0] if tie else next(r for r in responses if r["id"] == label["preferred_id"])
+    rejected = next(r for r in responses if r["id"] != chosen["id"])
+    return {**common, "chosen": chosen["text"], "rejected": rejected["text"],
+            "chosen_model": chosen["model_name"], "rejected_model": rejected["model_name"],
+            "level": label["level"], "tie": tie, "aspects": label["scores"] or {}}
+
+
+def _write(rows: list[dict], path: Path, fmt: str) -> None:
+    if fmt == "jsonl":
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    frame = pd.DataFrame(rows)
+    if "aspects" in frame:
+        frame["aspects"] = frame["aspects"].map(lambda a: json.dumps(a, sort_keys=True))
+    if fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path, index=False)
