@@ -19,24 +19,39 @@ Llama-architecture checkpoints such as SmolLM2 load into it (see ``models/checkp
 uses the Hugging Face "rotate half" layout; GGUF files store q/k rows in the interleaved layout
 and are un-permuted on import.
 
+One decoder path: ``Block.forward`` is the block's arithmetic for every layout (padded prompt
+passes, one-token decoding steps, speculative verification, the flat shared-prefix layout of
+reward models), which differ only in the attention kernel they pass (``models/kernels.py``).
+Every projection, the output head included, goes through one weight seam
+(``models/linear.py``): dense, oneDNN-packed, int4, and later palettized or LoRA-wrapped.
+
 Inference: a static, preallocated KV cache (``KVCache``, with per-row lengths when rows
 advance unevenly) and padding-aware masks, used by ``models/generate.py`` for batched
 generation and log-likelihoods (``models/draft.py`` drafts tokens for speculative decoding
-on the same cache). Weights of q/k/v and of the
-SwiGLU gate/up projections are fused into single matrices: one matmul instead of three (two)
-per layer is most of what makes single-stream CPU decoding fast.
+on the same cache). Weights of q/k/v and of the SwiGLU gate/up projections are fused into
+single matrices: one matmul instead of three (two) per layer is most of what makes
+single-stream CPU decoding fast.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.cpu import BoundedGreedy, argmax_last, attend, pack_weight, packed_linear
+from models.kernels import (
+    BoundedGreedy,
+    CachedAttention,
+    StepAttention,
+    argmax_last,
+    rms_norm,
+    rope,
+    swiglu,
+)
+from models.linear import Linear, Projection, TiedHead
 
 
 @dataclass(frozen=True)
@@ -134,8 +149,8 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Ten
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, heads, hd); cos/sin: (B, T, 1, hd). Equals HF's q*cos + rotate_half(q)*sin."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    """x: (..., heads, hd); cos/sin: (..., 1, hd). Equals HF's q*cos + rotate_half(q)*sin."""
+    return rope(x, cos, sin)
 
 
 class RMSNorm(nn.Module):
@@ -145,22 +160,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused kernel instead of five ops; in fp32 it is bit-identical to Hugging Face's
-        # x * rsqrt(mean(x^2) + eps) * weight (checked by the SmolLM2 parity tests).
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (no bias) that can also hold a prepacked copy of its weight (``pack_weight``)
-    for inference. The copy costs the weight's memory again and does not follow later weight
-    updates, so it is opt-in (``AFM.prepack``)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.packed: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.weight, self.packed)
+        # One fused kernel for inference (in fp32 bit-identical to Hugging Face's
+        # x * rsqrt(mean(x^2) + eps) * weight, checked by the SmolLM2 parity tests); a
+        # hand-written backward when training (models.kernels.rms_norm).
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -212,83 +215,89 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """The attention sublayer's parameters; its arithmetic is ``Block.forward``."""
+
     def __init__(self, cfg: AFMConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         # Fused [q; k; v] projection: one matmul per layer instead of three.
-        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.hd, bias=False)
-        self.wo = Linear(cfg.n_heads * self.hd, cfg.dim, bias=False)
+        self.wqkv = Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.hd)
+        self.wo = Linear(cfg.n_heads * self.hd, cfg.dim)
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    few_queries = 32  # up to this many new tokens per row, attention runs as ``attend``
+
+class SwiGLU(nn.Module):
+    """The feed-forward sublayer's parameters; its arithmetic is ``Block.forward``."""
+
+    def __init__(self, cfg: AFMConfig):
+        super().__init__()
+        # Fused [gate; up] projection, split after the matmul.
+        self.w13 = Linear(cfg.dim, 2 * cfg.hidden_dim)
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim)
+
+
+# A block's four projections as ``Block.forward`` takes them to run in place of its own:
+# (wqkv, wo, w13, w2), each a ``models.linear.Projection`` (the int4 draft passes its copies).
+Projections = tuple[Projection, Projection, Projection, Projection]
+
+
+class Block(nn.Module):
+    """One pre-norm decoder block, written once for every layout the library runs: padded
+    prompt passes and speculative verification (x (B, T, dim), ``CachedAttention``), one-token
+    decoding steps (x (B, dim), ``StepAttention``), and the flat shared-prefix layout of reward
+    models and preference pairs (x (N, dim), ``SharedPrefixAttention``). Layouts differ only in
+    the attention kernel they pass (``models.kernels``); the arithmetic here is the same."""
+
+    def __init__(self, cfg: AFMConfig, index: int = 0):
+        super().__init__()
+        self.index = index  # which layer of the KV cache the kernel reads and writes
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
 
     def forward(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None,
-        start: int,
-        slots: torch.Tensor | None = None,
+        attention: Callable[..., torch.Tensor],
+        keep: torch.Tensor | None = None,
+        weights: Projections | None = None,
     ) -> torch.Tensor:
-        """slots: (B, T) cache slots to write when rows have their own lengths (see
-        ``KVCache``); keys are then read from slots [0, start + T), start the longest row."""
-        B, T, _ = x.shape
-        H, Hkv = self.n_heads, self.n_kv
-        qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, self.hd)  # (B, T, H + 2*Hkv, hd)
-        qk, v = qkv.split((H + Hkv, Hkv), dim=2)
-        if self.q_norm is not None and self.k_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), dim=2)
-        # Rotate q and k in one pass; heads first: (B, H + Hkv, T, hd).
-        q, k = apply_rope(qk, cos, sin).transpose(1, 2).split((H, Hkv), dim=1)
-        v = v.transpose(1, 2)  # (B, Hkv, T, hd)
-        if cache is not None:
-            ck, cv = cache  # each (B, Hkv, capacity, hd)
-            if slots is None:
-                ck[:, :, start : start + T] = k
-                cv[:, :, start : start + T] = v
-            else:  # row b writes at slots[b]; the indexed view is (B, T, Hkv, hd)
-                rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-                ck[rows, :, slots] = k.transpose(1, 2)
-                cv[rows, :, slots] = v.transpose(1, 2)
-            k, v = ck[:, :, : start + T], cv[:, :, : start + T]  # (B, Hkv, S, hd), S = start+T
-        if cache is not None and (T == 1 or (mask is not None and T <= self.few_queries)):
-            # Decoding one token, or verifying a draft's few (whose mask is always built):
-            # plain matmuls, kv heads shared. (No mask with T > 1 means SDPA's causal flag.)
-            G = H // Hkv
-            y = attend(q.reshape(B, Hkv, G, T, self.hd), k, v, mask)  # (B, Hkv, G, T, hd)
-            return self.wo(y.permute(0, 3, 1, 2, 4).reshape(B, T, H * self.hd))  # (B, T, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv
-        )  # (B, H, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, H * self.hd))  # (B, T, D)
+        """x (..., dim) -> (..., dim).
 
-
-class SwiGLU(nn.Module):
-    def __init__(self, cfg: AFMConfig):
-        super().__init__()
-        # Fused [gate; up] projection, split after the matmul.
-        self.w13 = Linear(cfg.dim, 2 * cfg.hidden_dim, bias=False)
-        self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)  # each (B, T, hidden)
-        return self.w2(F.silu(gate) * up)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: AFMConfig):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-
-    def forward(self, x, cos, sin, mask, cache, start, slots=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, slots)
-        return x + self.mlp(self.mlp_norm(x))
+        cos, sin: (..., 1, hd) RoPE tables at each token's position.
+        attention: the layout's kernel, ``attention(q, k, v, layer)`` with q (..., H, hd), k
+            and v (..., Hkv, hd) -> (..., H·hd).
+        keep: (M,) flat indices of the only tokens whose outputs are wanted (x is (N, dim)):
+            keys and values are computed for every token, everything else at those M; returns
+            (M, dim). The kernel then takes queries (M, H, hd) (``PooledAttention``).
+        weights: projections to use instead of the block's own (same shapes).
+        """
+        a = self.attn
+        H, Hkv, hd = a.n_heads, a.n_kv, a.hd
+        wqkv, wo, w13, w2 = weights or (a.wqkv, a.wo, self.mlp.w13, self.mlp.w2)
+        h = self.attn_norm(x)
+        if keep is None:
+            qkv = wqkv(h).to(x.dtype).unflatten(-1, (H + 2 * Hkv, hd))  # (..., H + 2·Hkv, hd)
+            # split, not slicing: its backward is one cat instead of zeros, copies and a sum
+            qk, v = qkv.split((H + Hkv, Hkv), dim=-2)
+            if a.q_norm is not None and a.k_norm is not None:
+                qk = torch.cat((a.q_norm(qk[..., :H, :]), a.k_norm(qk[..., H:, :])), dim=-2)
+            # Rotate q and k in one pass.
+            q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=-2)
+        else:
+            kv = wqkv(h, rows=slice(H * hd, None)).to(x.dtype).unflatten(-1, (2 * Hkv, hd))
+            k, v = kv.split(Hkv, dim=-2)  # each (N, Hkv, hd)
+            q = wqkv(h[keep], rows=slice(0, H * hd)).to(x.dtype).unflatten(-1, (H, hd))
+            if a.q_norm is not None and a.k_norm is not None:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = apply_rope(q, cos[keep], sin[keep]), apply_rope(k, cos, sin)
+            x = x[keep]  # (M, dim)
+        x = x + wo(attention(q, k, v, self.index))
+        return x + w2(swiglu(w13(self.mlp_norm(x)).to(x.dtype)))
 
 
 class AFM(nn.Module):
@@ -296,13 +305,13 @@ class AFM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = (
-            None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head: Projection = (
+            TiedHead(self.tok_emb) if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size)
         )
-        self._head_packed: torch.Tensor | None = None  # see prepack()
-        self._greedy: BoundedGreedy | None = None  # see prepack()
+        self._greedy: tuple[tuple, BoundedGreedy] | None = None  # see prepack()
+        self._greedy_rows: int | None = None
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         # Not persistent: derived from the config, so checkpoints hold weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -325,6 +334,10 @@ class AFM(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         if capacity > self.cfg.max_seq_len:
             raise ValueError(
@@ -333,19 +346,22 @@ class AFM(nn.Module):
         w = self.tok_emb.weight
         return KVCache(self.cfg, batch_size, capacity, w.dtype, w.device)
 
+    def projections(self) -> list[Projection]:
+        """Every projection of the model (``models.linear``), the output head last."""
+        return [m for m in self.modules() if isinstance(m, Projection)]
+
     def prepack(self, rows: int | None) -> AFM:
         """Keep a copy of every projection (and of the output head) packed for fast inference
-        matmuls on inputs of about ``rows`` rows (``pack_weight``), or drop the copies with
-        None. For inference: the copies do not follow later weight updates, and training
-        (anything that wants gradients) uses the plain weights. A no-op where oneDNN can't
-        take the weights (not CPU fp32)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.packed = pack_weight(module.weight, rows) if rows else None
-        head = self._head_weight()
-        self._head_packed = pack_weight(head, rows) if rows else None
-        usable = rows and BoundedGreedy.usable(head)
-        self._greedy = BoundedGreedy(head, rows) if usable else None
+        matmuls on inputs of about ``rows`` rows (``models.linear.Linear.pack``), or drop the
+        copies with None. Copies are rebuilt when the weights change and never used where a
+        gradient is wanted; a no-op where oneDNN can't take the weights (not CPU fp32)."""
+        for projection in self.projections():
+            pack = getattr(projection, "pack", None)
+            if pack is not None:
+                pack(rows)
+        usable = rows and BoundedGreedy.usable(self.tok_emb.weight)
+        self._greedy_rows = rows if usable else None
+        self._greedy = None
         return self
 
     def trunk(
@@ -372,11 +388,10 @@ class AFM(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hd)
         sin = self.rope_sin[positions].unsqueeze(2)  # (B, T, 1, hd)
         slots = cache.slots(T) if cache is not None else None  # (B, T) or None
-        mask = self._mask(T, start, key_valid, slots)
+        attention = CachedAttention(cache, start, self._mask(T, start, key_valid, slots), slots)
         x = self.tok_emb(tokens)  # (B, T, dim)
-        for i, block in enumerate(self.blocks):
-            layer_cache = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, cos, sin, mask, layer_cache, start, slots)
+        for block in self.blocks:
+            x = block(x, cos, sin, attention)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
@@ -387,67 +402,28 @@ class AFM(nn.Module):
         positions: torch.Tensor,
         cache: KVCache,
         key_valid: torch.Tensor | None = None,
-        layers: list[tuple] | None = None,
+        weights: Sequence[Projections] | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, dim) for one new token per row: ``tokens`` (B,) at
         RoPE ``positions`` (B,), keys/values written to the cache slots ``trunk`` would use
-        (shared or per-row). The same computation as ``trunk`` for T = 1, as one flat loop
-        over plain tensors: module calls cost ~10% of a decoding step on a 2-core CPU.
+        (shared or per-row). ``trunk`` for T = 1 through the same blocks, in the (B,) layout
+        that skips the token axis (``StepAttention``).
 
-        layers: per block, (attn_norm weight, qkv projection, q_norm, k_norm, output
-            projection, mlp_norm weight, gate/up projection, down projection), projections
-            as callables on (B, in) rows; default the model's own (``step_layers``). A draft
-            model passes cheaper projections (``models.draft.Int4Draft``).
+        weights: per block, projections to run instead of the block's own (a draft model's
+            cheaper copies, ``models.draft.Int4Draft``).
         """
-        cfg = self.cfg
-        B, H, Hkv, hd = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        dim, eps = (cfg.dim,), cfg.norm_eps
         start = cache.length
         if start + 1 > cache.capacity:
             raise ValueError(f"KV cache full: {start} + 1 > capacity {cache.capacity}")
         slots = cache.slots(1)  # (B, 1), or None when every row writes at ``start``
-        mask = self._mask(1, start, key_valid, slots)
-        rows = torch.arange(B, device=tokens.device)
+        attention = StepAttention(cache, start, self._mask(1, start, key_valid, slots), slots)
         cos = self.rope_cos[positions][:, None]  # (B, 1, hd)
         sin = self.rope_sin[positions][:, None]  # (B, 1, hd)
         x = self.tok_emb(tokens)  # (B, dim)
-        for i, (attn_norm, wqkv, q_norm, k_norm, wo, mlp_norm, w13, w2) in enumerate(
-            layers or self.step_layers()
-        ):
-            qkv = wqkv(F.rms_norm(x, dim, attn_norm, eps)).view(B, H + 2 * Hkv, hd)
-            qk, v = qkv.float().split((H + Hkv, Hkv), dim=1)  # (B, H + Hkv | Hkv, hd)
-            if q_norm is not None and k_norm is not None:
-                qk = torch.cat((q_norm(qk[:, :H]), k_norm(qk[:, H:])), dim=1)
-            q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=1)  # (B, H | Hkv, hd)
-            ck, cv = cache.k[i], cache.v[i]  # each (B, Hkv, capacity, hd)
-            if slots is None:
-                ck[:, :, start], cv[:, :, start] = k, v
-            else:
-                ck[rows, :, slots[:, 0]], cv[rows, :, slots[:, 0]] = k, v
-            y = attend(
-                q.view(B, Hkv, H // Hkv, 1, hd), ck[:, :, : start + 1], cv[:, :, : start + 1], mask
-            )  # (B, Hkv, group, 1, hd), as in Attention's decoding case
-            x = x + wo(y.view(B, H * hd))
-            gate, up = w13(F.rms_norm(x, dim, mlp_norm, eps)).float().chunk(2, dim=-1)
-            x = x + w2(F.silu(gate) * up)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attention, weights=weights[i] if weights else None)
         cache.advance(1)
         return self.norm(x)
-
-    def step_layers(self) -> list[tuple]:
-        """The model's own blocks as ``step`` takes them."""
-        return [
-            (
-                b.attn_norm.weight,
-                b.attn.wqkv,
-                b.attn.q_norm,
-                b.attn.k_norm,
-                b.attn.wo,
-                b.mlp_norm.weight,
-                b.mlp.w13,
-                b.mlp.w2,
-            )
-            for b in self.blocks
-        ]
 
     def _mask(
         self,
@@ -495,17 +471,18 @@ class AFM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary for hidden states (..., dim)."""
-        return packed_linear(h, self._head_weight(), self._head_packed)
+        return self.lm_head(h)
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """Greedy next tokens (...) for hidden states (..., dim): the argmax of ``head(h)``
-        (through ``BoundedGreedy`` once prepacked)."""
-        if self._greedy is not None and not (torch.is_grad_enabled() and h.requires_grad):
-            return self._greedy(h)
-        return argmax_last(self.head(h))
-
-    def _head_weight(self) -> torch.Tensor:
-        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        (through ``BoundedGreedy`` once prepacked, rebuilt when the head's weight changes)."""
+        if self._greedy_rows is None or (torch.is_grad_enabled() and h.requires_grad):
+            return argmax_last(self.head(h))
+        version = self.lm_head.version()
+        if self._greedy is None or self._greedy[0] != version:
+            weight = self.lm_head.effective_weight()
+            self._greedy = (version, BoundedGreedy(weight, self._greedy_rows))
+        return self._greedy[1](h)
 
     def forward(
         self,

@@ -6,7 +6,7 @@ here only as a ``should_stop`` callback.
 Speed on CPU comes from doing little per step: one preallocated ``KVCache`` for the whole run,
 ``torch.inference_mode``, fused projections in the model, logits only for the last position
 of the prompt, no mask at all when a batch has no padding, one flat loop per decoding step
-(``AFM.step``) with attention as two small matmuls (``models.cpu.attend``), a vectorised argmax
+(``AFM.step``) with attention as two small matmuls (``models.kernels.attend``), a vectorised argmax
 (``argmax_last``), and (opt-in, ``AFM.prepack``) weights prepacked for oneDNN, whose CPU
 matmuls are 2-3x faster than torch's default for decoding on AMD EPYC. What is left is
 memory traffic: a decoding step reads every weight once, so fp32 single-stream speed is
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from models.afm import AFM, KVCache
-from models.cpu import argmax_last
+from models.kernels import argmax_last
 from models.draft import Int4Draft
 
 
@@ -207,7 +207,7 @@ def generate(
         room = model.cfg.max_seq_len - max(map(len, prompts)) - max_new_tokens
         k = max(0, min(draft.most_proposals(B), room))
     tokens, key_valid, positions = left_pad(prompts, pad_id, max_new_tokens + k)
-    device = model.tok_emb.weight.device
+    device = model.device
     tokens, positions = tokens.to(device), positions.to(device)
     key_valid = key_valid.to(device) if key_valid is not None else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -316,7 +316,7 @@ def loglikelihood(
             )
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    device = model.tok_emb.weight.device
+    device = model.device
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         inputs, targets = [], []

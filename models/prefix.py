@@ -102,7 +102,7 @@ def encode_prefix(model: AFM, tokens: Sequence[int], reuse: PrefixKV | None = No
         cache.v[:, :, :, :done] = reuse.cache.v[:, :, :, :done]
         cache.length = done
     if done < len(tokens):
-        device = model.tok_emb.weight.device
+        device = model.device
         model.trunk(torch.tensor([tokens[done:]], device=device), cache=cache)
     return PrefixKV(tokens, cache)
 
@@ -164,7 +164,7 @@ def _score_batch(
     pairs ``idx``, pair idx[k] reading row rows[k]. Right padding needs no mask: causal
     attention never looks ahead."""
     P = cache.length
-    device = model.tok_emb.weight.device
+    device = model.device
     tokens = torch.zeros((len(batch), max(map(len, batch))), dtype=torch.long)  # (b, width)
     for j, suffix in enumerate(batch):
         tokens[j, : len(suffix)] = torch.tensor(suffix)

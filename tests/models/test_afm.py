@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from models.afm import AFM, PRESETS, AFMConfig, config_from_preset
 from models.generate import generate, loglikelihood, sample_next
+from models.linear import TiedHead
 
 
 def naive_greedy(model: AFM, prompt: list[int], n: int) -> list[int]:
@@ -56,7 +57,9 @@ def test_config_round_trips_through_a_dict_and_rejects_unknown_keys():
 
 
 def test_input_and_output_embeddings_are_tied(tiny_model):
-    assert tiny_model.lm_head is None
+    assert isinstance(tiny_model.lm_head, TiedHead)
+    assert "lm_head.weight" not in tiny_model.state_dict()  # the table is saved once
+    assert len(list(tiny_model.parameters())) == len(tiny_model.state_dict())
     h = torch.randn(1, 2, tiny_model.cfg.dim)
     torch.testing.assert_close(tiny_model.head(h), h @ tiny_model.tok_emb.weight.T)
 
@@ -176,7 +179,7 @@ def test_prepacked_weights_give_the_same_batched_generation(tiny_model):
     tiny_model.prepack(len(prompts))
     try:
         if torch.backends.mkldnn.is_available():
-            assert tiny_model.blocks[0].attn.wqkv.packed is not None
+            assert tiny_model.blocks[0].attn.wqkv._packed is not None
         assert generate(tiny_model, prompts, max_new_tokens=10) == plain
         assert "_head_packed" not in str(tiny_model.state_dict().keys())
         # Training never goes through the packed copies (they have no backward).
@@ -185,4 +188,4 @@ def test_prepacked_weights_give_the_same_batched_generation(tiny_model):
     finally:
         tiny_model.zero_grad(set_to_none=True)
         tiny_model.prepack(None)
-    assert tiny_model.blocks[0].attn.wqkv.packed is None
+    assert tiny_model.blocks[0].attn.wqkv._packed is None

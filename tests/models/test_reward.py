@@ -21,22 +21,19 @@ import torch
 from scipy.stats import spearmanr
 
 from models.afm import AFM, config_from_preset
+from models.preferences import DEFAULT_SOFT_TARGETS, Preference, labels_hash
 from models.reward import (
-    DEFAULT_SOFT_TARGETS,
-    Preference,
     evaluate_reward_model,
     expected_calibration_error,
     hard_bt_loss,
-    labels_hash,
-    load_preferences_jsonl,
     load_reward_model,
     margin_bt_loss,
     save_reward_model,
     soft_bt_loss,
-    split_by_prompt,
     train_reward_model,
 )
-from models.reward_backbones import DecoderBackbone, EmbeddingBackbone, pack_shared_prefix
+from models.kernels import pack_shared_prefix
+from models.reward_backbones import DecoderBackbone, EmbeddingBackbone
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,87 +99,6 @@ class ByteTokenizer:
 def tiny_decoder(trainable_layers: int = 1) -> DecoderBackbone:
     model = AFM(config_from_preset("tiny")).init_weights(seed=0)
     return DecoderBackbone(model, ByteTokenizer(), trainable_layers=trainable_layers)
-
-
-# ------------------------------------------------------------------------------------ data
-def test_it_reads_the_grading_export_and_plain_trl_rows(tmp_path):
-    rows = [
-        {
-            "prompt": "p1",
-            "chosen": "good",
-            "rejected": "bad",
-            "level": "slightly_better",
-            "tie": False,
-            "aspects": {"chosen": {"helpful": 4}, "rejected": {"helpful": 2}},
-            "rater": "alice",
-            "item_id": 7,
-            "chosen_model": "m1",
-        },
-        {
-            "prompt": "p2",
-            "chosen": "x",
-            "rejected": "y",
-            "level": "tie_both_bad",
-            "tie": True,
-            "aspects": {},
-        },
-        {"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": "go"},
-    ]
-    path = tmp_path / "labels.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    a, b, c = load_preferences_jsonl(path)
-    assert (a.level, a.chosen_aspects, a.rejected_aspects) == (
-        "slightly_better",
-        {"helpful": 4},
-        {"helpful": 2},
-    )
-    assert b.tie and b.level == "tie_both_bad"
-    assert (c.prompt, c.level) == ("hi", "better")  # ungraded TRL rows count as "better"
-
-
-@pytest.mark.parametrize(
-    "row, message",
-    [
-        ({"prompt": "p", "chosen": "a", "rejected": "b", "level": "better", "tie": True}, "tie"),
-        ({"prompt": "p", "completion": "a", "aspects": {"helpful": 3}}, "single-sided"),
-        (
-            {
-                "prompt": "p",
-                "chosen": "a",
-                "rejected": "b",
-                "level": "better",
-                "aspects": {"chosen": {"helpful": 9}},
-            },
-            "1..5",
-        ),
-    ],
-)
-def test_it_rejects_malformed_rows_with_their_line_number(tmp_path, row, message):
-    path = tmp_path / "bad.jsonl"
-    path.write_text(
-        json.dumps({"prompt": "ok", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(row) + "\n"
-    )
-    with pytest.raises(ValueError, match=rf"bad.jsonl:2: .*{message}"):
-        load_preferences_jsonl(path)
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_split_by_prompt_never_puts_a_prompt_on_both_sides(seed):
-    rng = random.Random(seed)
-    prefs = [Preference(f"p{rng.randrange(40)}", "a", "b", "better") for _ in range(300)]
-    train, held = split_by_prompt(prefs, held_out=0.25, seed=seed)
-    assert not {p.prompt for p in train} & {p.prompt for p in held}
-    assert len(train) + len(held) == len(prefs) and held
-    assert len({p.prompt for p in held}) == round(0.25 * len({p.prompt for p in prefs}))
-    assert split_by_prompt(prefs, 0.25, seed) == (train, held)  # deterministic per seed
-
-
-def test_labels_hash_follows_every_label_but_not_their_order():
-    prefs = [Preference("p", "a", "b", "better"), Preference("q", "c", "d", "tie_both_good")]
-    assert labels_hash(prefs) == labels_hash(prefs[::-1])
-    changed = [Preference("p", "a", "b", "slightly_better"), prefs[1]]
-    graded = [Preference("p", "a", "b", "better", {"helpful": 5}), prefs[1]]
-    assert len({labels_hash(prefs), labels_hash(changed), labels_hash(graded)}) == 3
 
 
 # ---------------------------------------------------------------------------------- losses

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from models.afm import AFM, config_from_preset
-from models.cpu import BoundedGreedy, argmax_last, pack_weight, packed_linear
 from models.draft import Int4Draft
+from models.kernels import BoundedGreedy, argmax_last
+from models.linear import Linear, pack_weight
 from models.generate import Draft, generate, left_pad, prefill
 
 PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [200], [4, 4, 4, 4]]
@@ -198,18 +199,21 @@ def test_argmax_last_is_argmax_including_ties():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_packed_linear_is_linear_for_any_row_count_and_layout():
+def test_a_packed_linear_is_linear_for_any_row_count_and_layout():
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(96, 64, generator=g), torch.randn(40, 64, generator=g)
-    packed = pack_weight(w, 8)
-    for m in (1, 3, 8, 9, 32, 40):  # packed for about 8 rows, right for any count
-        torch.testing.assert_close(packed_linear(x[:m], w, packed), F.linear(x[:m], w))
-    batched = packed_linear(x.view(5, 8, 64), w, packed)
-    torch.testing.assert_close(batched, F.linear(x, w).view(5, 8, 96))
-    strided = x.view(5, 8, 64)[:, -1]  # the last position of each row, not contiguous
-    torch.testing.assert_close(packed_linear(strided, w, packed), F.linear(strided, w))
+    x = torch.randn(40, 64, generator=g)
+    lin = Linear(64, 96)
+    w = lin.weight.detach()
+    lin.pack(8)
+    with torch.no_grad():
+        for m in (1, 3, 8, 9, 32, 40):  # packed for about 8 rows, right for any count
+            torch.testing.assert_close(lin(x[:m]), F.linear(x[:m], w))
+        torch.testing.assert_close(lin(x.view(5, 8, 64)), F.linear(x, w).view(5, 8, 96))
+        strided = x.view(5, 8, 64)[:, -1]  # the last position of each row, not contiguous
+        torch.testing.assert_close(lin(strided), F.linear(strided, w))
     assert pack_weight(w.double(), 8) is None  # fp32 only: other dtypes stay plain
-    assert torch.equal(packed_linear(x, w, None), F.linear(x, w))
+    lin.pack(None)
+    assert torch.equal(lin(x), F.linear(x, w))
 
 
 @pytest.mark.skipif(

@@ -1,0 +1,238 @@
+"""The weight seam: every projection in the model library goes through one small interface.
+
+A ``Projection`` maps (..., in_features) to (..., out_features) with ``forward(x, rows=None)``;
+``rows`` (a slice of output features) computes only those outputs, which is how the decoder
+block asks for queries at a few tokens and keys/values at all of them. Implementations:
+
+- ``Linear``: a dense weight (fp32 or bf16), optionally with a oneDNN-prepacked copy for fast
+  CPU inference (``Linear.pack``);
+- ``TiedHead``: the output head that shares the input embedding's table (``nn.Embedding``);
+- ``Int4Linear``: weight-only int4 (group 32, llama.cpp's Q4_1 grid), CPU only; the speculative
+  draft's projections (``models.draft``);
+- palettized weights (k-means tables per 16 output channels) and LoRA wrappers plug in here as
+  further implementations: a subclass of ``Projection`` with the same three members.
+
+Nothing outside this module reads a projection's ``.weight``: code that needs the matrix
+itself (a quantizer, a merge, an export) asks for ``effective_weight()``, which a LoRA wrapper
+answers with W + BA and a palettized weight with its dequantized table lookup.
+
+Derived copies (oneDNN packs, int4 tables, the bf16 head of ``models.kernels.BoundedGreedy``)
+record the ``version()`` of the weight they were made from and are rebuilt when it changes
+(an optimizer step, ``load_state_dict``, a module swap), never used stale.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Projection(nn.Module):
+    """The seam. Subclasses set ``in_features``/``out_features`` and implement the three
+    members below."""
+
+    in_features: int
+    out_features: int
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features), or (..., len(rows)) for a slice of the
+        output features."""
+        raise NotImplementedError
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (out_features, in_features) matrix this projection applies, detached."""
+        raise NotImplementedError
+
+    def version(self) -> tuple:
+        """Changes whenever ``effective_weight()`` would: a derived copy made at one version is
+        stale at any other."""
+        raise NotImplementedError
+
+
+def tensor_version(t: torch.Tensor) -> tuple:
+    """Identity and in-place-write counter of a tensor: an optimizer step, ``copy_`` or
+    ``load_state_dict`` bumps the counter, assigning a new Parameter changes the identity."""
+    return (id(t), t._version)
+
+
+class Packed:
+    """A oneDNN-packed copy of a projection's fp32 weight (``pack_weight``) and the version it
+    was made from; ``linear`` repacks first when the weight changed since."""
+
+    def __init__(self, source: Projection, rows: int):
+        self.source, self.rows = source, rows
+        self.made_from: tuple | None = None
+        self.packed: torch.Tensor | None = None
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x @ W^T`` through the pack; None where oneDNN can't take the weight."""
+        if self.made_from != self.source.version():
+            self.packed = pack_weight(self.source.effective_weight(), self.rows)
+            self.made_from = self.source.version()
+        if self.packed is None:
+            return None
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class Linear(Projection):
+    """Dense y = x W^T without bias; W (out_features, in_features) is a Parameter, fp32 or bf16.
+
+    ``pack(rows)`` keeps a oneDNN copy of W for inference (``Packed``; the copy costs W's
+    memory again). Anything that wants gradients uses W itself: the packed kernel has no
+    backward."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self._packed: Packed | None = None
+        if self.weight.device.type != "meta":
+            # nn.Linear's default initialisation (Kaiming-uniform, a = sqrt(5)).
+            nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        w = self.weight
+        if rows is not None:
+            return F.linear(x, w[rows])
+        if self._packed is not None and not (w.requires_grad and torch.is_grad_enabled()):
+            y = self._packed.linear(x)
+            if y is not None:
+                return y
+        return F.linear(x, w)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight.detach()
+
+    def version(self) -> tuple:
+        return tensor_version(self.weight)
+
+    def pack(self, rows: int | None) -> None:
+        """Keep a oneDNN copy tuned for inputs of about ``rows`` rows, or drop it (None)."""
+        self._packed = Packed(self, rows) if rows else None
+
+    def extra_repr(self) -> str:
+        packed = f", packed={self._packed.rows}" if self._packed is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{packed}"
+
+
+class TiedHead(Projection):
+    """The output head of a model whose input and output embeddings are tied (Press & Wolf
+    2017, arXiv:1608.05859): it projects onto the rows of ``embedding``'s table. It owns no
+    parameter (the table is the embedding's, saved once under its name) and is not registered
+    as a submodule of the embedding, so state dicts and optimizers see the table once."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not a registered submodule
+        self.out_features, self.in_features = embedding.weight.shape
+        self._packed: Packed | None = None
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        w = self.table
+        if rows is not None:
+            return F.linear(x, w[rows])
+        if self._packed is not None and not (w.requires_grad and torch.is_grad_enabled()):
+            y = self._packed.linear(x)
+            if y is not None:
+                return y
+        return F.linear(x, w)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.table.detach()
+
+    def version(self) -> tuple:
+        return tensor_version(self.table)
+
+    def pack(self, rows: int | None) -> None:
+        self._packed = Packed(self, rows) if rows else None
+
+
+def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
+    """oneDNN's copy of a CPU fp32 ``weight`` in its own blocked layout, tuned for inputs of
+    about ``rows`` rows but good for any; None where oneDNN can't take it.
+
+    Why: torch's fp32 ``F.linear`` calls MKL, which on the AMD EPYC (Zen 4) CPUs this was
+    measured on runs decoding's few-row matmuls 2-3x slower than oneDNN on a prepacked weight
+    (SmolLM2-135M's block matmuls: 8 rows 152 against 48 ms, 32 rows 132 against 70 ms,
+    one row 102 against 46 ms, on a slow day of the 2-core machine). oneDNN accumulates in
+    fp32 like MKL; only the summation order differs, as between batch sizes.
+    """
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    if not (cpu_fp32 and torch.backends.mkldnn.is_available()):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest asymmetric int4 of ``w`` (N, K), one scale and offset per group of
+    ``group_size`` input columns: w ~ (q - 8) * scale + zero, q in [0, 15].
+
+    Returns q (N, K) int32 and scales_and_zeros (K / group_size, N, 2) bf16, the layout of
+    ``torch.ops.aten._weight_int4pack_mm_for_cpu``. Group 32 with min/max range is the grid
+    of llama.cpp's Q4_1, so weights imported from a Q4_1 GGUF file come back up to the bf16
+    rounding of their scales.
+    """
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"input width {K} is not a multiple of the int4 group size {group_size}")
+    groups = w.detach().float().reshape(N, K // group_size, group_size)  # (N, K/g, g)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)  # (N, K/g, 1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((groups - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(N, K)
+    zeros = torch.cat((scale, lo + 8 * scale), dim=-1)  # (N, K/g, 2)
+    return q, zeros.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K/g, N, 2)
+
+
+class Int4Linear(Projection):
+    """Weight-only int4 copy of a ``source`` projection (``quantize_int4``), CPU only. It
+    reads ~7x fewer weight bytes than fp32 and is not exact: the speculative draft's
+    projections (``models.draft``). Rows in any float dtype; the output is bf16 (the kernel's).
+    Rebuilt from the source when the source's weight changes."""
+
+    def __init__(self, source: Projection, group_size: int = 32):
+        super().__init__()
+        self._source = (source,)  # a tuple: the source is not a submodule of its copy
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.group_size = group_size
+        self.made_from: tuple | None = None
+        self._build()
+
+    def _build(self) -> None:
+        source = self._source[0]
+        q, self.scales_zeros = quantize_int4(source.effective_weight(), self.group_size)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # (N, K/2) uint8
+        self.made_from = source.version()
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        if rows is not None:
+            raise NotImplementedError("Int4Linear computes all output features")
+        if self.made_from != self._source[0].version():
+            self._build()
+        lead = x.shape[:-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(torch.bfloat16),
+            self.packed,
+            self.group_size,
+            self.scales_zeros,
+        )  # (N, out) bf16
+        return y.view(*lead, self.out_features)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dequantized matrix (what the int4 kernel multiplies by), fp32."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        return self.forward(eye).float().T.contiguous()
+
+    def version(self) -> tuple:
+        return self.made_from or ()
