@@ -42,11 +42,8 @@ import time
 import torch
 
 from models.afm import AFM, AFMConfig
-from models.reward import (
-    Preference,
-    evaluate_reward_model,
-    train_reward_model,
-)
+from models.preferences import Preference
+from models.reward import evaluate_reward_model, train_reward_model
 from models.reward_backbones import DecoderBackbone
 
 WORDS = [

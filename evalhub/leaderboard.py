@@ -2,7 +2,7 @@
 
 Human preference is Bradley-Terry over side-by-side labels with bootstrap intervals and rank
 by interval (as Chatbot Arena does), but with AFM's preference levels kept: "significantly
-better" counts more than "negligibly better" (suites.stats.PREFERENCE_SCORES).
+better" counts more than "negligibly better" (models.preferences.Level.arena_score).
 """
 
 from collections import defaultdict
@@ -13,8 +13,6 @@ from evalhub.models import EvalRun, ModelVersion
 from grading.models import Label, Response
 from suites import REGISTRY
 from suites.stats import Votes, bradley_terry_intervals, preference_outcome
-
-LEVEL_TO_STATS = {"tie_both_good": "tie", "tie_both_bad": "tie"}
 
 
 def latest_runs() -> dict[tuple[str, str], EvalRun]:
@@ -36,10 +34,9 @@ def preference_votes() -> Votes | None:
         if not names.get(0) or not names.get(1) or names[0] == names[1]:
             continue
         preferred = None if label.preferred is None else "ab"[label.preferred.position]
-        level = LEVEL_TO_STATS.get(label.level, label.level)
         a.append(names[0])
         b.append(names[1])
-        outcome.append(preference_outcome(level, preferred))
+        outcome.append(preference_outcome(label.level, preferred))
     return Votes.from_records(a, b, outcome) if a else None
 
 

@@ -12,6 +12,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from models.preferences import PREFERENCE_LEVELS, TIES
+
 SIDE_BY_SIDE, SINGLE_SIDED = "side_by_side", "single_sided"
 
 # AFM (2024) grades single responses on these four aspects; the anchored descriptions are
@@ -210,13 +212,7 @@ class Label(models.Model):
     """A submitted judgement. Side by side: ``preferred`` (None for a tie) and ``level``;
     single-sided: ``scores`` per aspect, ``unsafe`` and ``comment``."""
 
-    SIGNIFICANTLY, BETTER, SLIGHTLY, NEGLIGIBLY = (
-        "significantly_better", "better", "slightly_better", "negligibly_better")
-    TIE_GOOD, TIE_BAD = "tie_both_good", "tie_both_bad"
-    LEVEL_CHOICES = [(v, v.replace("_", " ")) for v in
-                     (SIGNIFICANTLY, BETTER, SLIGHTLY, NEGLIGIBLY, TIE_GOOD, TIE_BAD)]
-    STRENGTHS = (SIGNIFICANTLY, BETTER, SLIGHTLY, NEGLIGIBLY)
-    TIES = (TIE_GOOD, TIE_BAD)
+    LEVEL_CHOICES = [(lv.name, lv.label) for lv in PREFERENCE_LEVELS]
 
     assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="label")
     item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="labels")
@@ -245,4 +241,4 @@ class Label(models.Model):
 
     @property
     def is_tie(self) -> bool:
-        return self.level in self.TIES
+        return self.level in TIES

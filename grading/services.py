@@ -25,6 +25,7 @@ from django.utils import timezone
 from evalhub import rows
 from grading.models import Assignment, Campaign, Item, Label, Response
 from grading.uploads import parse_upload
+from models.preferences import STRENGTHS, TIES
 
 SIDES = ("left", "right")
 
@@ -39,17 +40,22 @@ class LeaseLost(GradingError):
 
 @dataclass(frozen=True)
 class Choice:
-    """A side-by-side choice as the rater's page sends it: a side (or tie) and a level."""
+    """A side-by-side choice as the rater's page sends it: a side (or tie) and a level,
+    "left_slightly_better" or "tie_both_good"."""
 
     side: str | None  # "left" / "right", None for a tie
-    level: str
+    level: str  # a name from models.preferences.LEVELS
+
+    @property
+    def value(self) -> str:
+        return self.level if self.side is None else f"{self.side}_{self.level}"
 
     @classmethod
     def parse(cls, value: str) -> "Choice":
-        if value in Label.TIES:
+        if value in TIES:
             return cls(None, value)
         side, _, level = value.partition("_")
-        if side not in SIDES or level not in Label.STRENGTHS:
+        if side not in SIDES or level not in STRENGTHS:
             raise GradingError(f"unknown choice {value!r}")
         return cls(side, level)
 

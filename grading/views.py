@@ -15,9 +15,10 @@ from grading import access, quality
 from grading.forms import CampaignForm, ExportForm, UploadForm
 from grading.models import Label
 from grading.render import render_markdown
-from grading.services import (GradingError, assignment_claim, assignment_skip, assignment_submit,
-                              campaign_import)
+from grading.services import (Choice, GradingError, assignment_claim, assignment_skip,
+                              assignment_submit, campaign_import)
 from grading.uploads import UploadError
+from models.preferences import PREFERENCE_LEVELS
 
 # --- raters ---------------------------------------------------------------------------------
 
@@ -70,18 +71,19 @@ def _render_task(request, assignment, error: str = "", status: int = 200):
     return render(request, "grading/task.html", context, status=status)
 
 
-SBS_CHOICES = [  # (key, value, label) — the documented keyboard map
-    ("1", "left_significantly_better", "A is significantly better"),
-    ("2", "left_better", "A is better"),
-    ("3", "left_slightly_better", "A is slightly better"),
-    ("4", "left_negligibly_better", "A is negligibly better"),
-    ("5", "tie_both_good", "Tie: both good"),
-    ("6", "tie_both_bad", "Tie: both bad"),
-    ("7", "right_negligibly_better", "B is negligibly better"),
-    ("8", "right_slightly_better", "B is slightly better"),
-    ("9", "right_better", "B is better"),
-    ("0", "right_significantly_better", "B is significantly better"),
-]
+def _rater_choices() -> list[tuple[str, str, str]]:
+    """(key, value, label), the documented keyboard map: 1–4 "A is …" strongest first, 5–6 the
+    ties, 7–0 "B is …" weakest first, so the keys run from "A much better" to "B much better"."""
+    strengths = [lv for lv in PREFERENCE_LEVELS if not lv.is_tie]
+    ties = [lv for lv in PREFERENCE_LEVELS if lv.is_tie]
+    rows = ([(Choice("left", lv.name), f"A is {lv.label}") for lv in strengths]
+            + [(Choice(None, lv.name), "Tie: " + lv.label.removeprefix("tie ")) for lv in ties]
+            + [(Choice("right", lv.name), f"B is {lv.label}") for lv in reversed(strengths)])
+    return [(key, choice.value, text)
+            for key, (choice, text) in zip("1234567890", rows, strict=True)]
+
+
+SBS_CHOICES = _rater_choices()
 
 
 @require_POST

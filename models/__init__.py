@@ -5,6 +5,7 @@
 - ``models.checkpoint``: import GGUF / Hugging Face checkpoints; load ours.
 - ``models.tokenizer``: the checkpoint's tokenizer; SentencePiece training.
 - ``models.backends``: one ``Backend`` protocol over our engine, transformers and HTTP servers.
+- ``models.preferences``: the preference levels and ``Preference`` records; no torch, no Django.
 
 Submodules are imported explicitly; this package imports nothing heavy (torch, transformers)
 so that ``import models`` stays cheap for code that only needs, say, the HTTP backend.

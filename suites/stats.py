@@ -23,19 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
+from models.preferences import PREFERENCE_LEVELS, TIES
+
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
-# Score for the preferred side at each preference level: a linear ladder from a tie (0.5) to a
-# clear win (1.0). EvalHub's choice, not a published standard; pass your own mapping to
-# `preference_outcome` to change it (Arena-Hard instead counts a strong preference as 3 votes,
-# which `weight` expresses).
-PREFERENCE_SCORES: Mapping[str, float] = {
-    "significantly_better": 1.0,
-    "better": 0.875,
-    "slightly_better": 0.75,
-    "negligibly_better": 0.625,
-    "tie": 0.5,
-}
+# Score for the preferred side at each preference level (a tie is 0.5, the strongest level a
+# full win). Not the reward model's soft targets: models.preferences.Level says why. Pass your
+# own mapping to `preference_outcome` to change it.
+PREFERENCE_SCORES: Mapping[str, float] = {lv.name: lv.arena_score for lv in PREFERENCE_LEVELS}
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -117,9 +112,10 @@ def paired_bootstrap_diff(
 def preference_outcome(
     level: str, preferred: str | None, scores: Mapping[str, float] = PREFERENCE_SCORES
 ) -> float:
-    """Score of model A for one vote: `preferred` is "a", "b", or None for a tie."""
+    """Score of model A for one vote at preference `level` (a name from
+    models.preferences.LEVELS): `preferred` is "a", "b", or None for a tie."""
     s = scores[level]
-    if preferred is None or level == "tie":
+    if preferred is None or level in TIES:
         return 0.5
     if preferred not in ("a", "b"):
         raise ValueError(f"preferred must be 'a', 'b' or None, got {preferred!r}")

@@ -109,7 +109,7 @@ def test_a_tie_is_half_a_win_and_weights_count_as_repeated_votes():
 def test_soft_preference_levels_map_to_the_preferred_side():
     assert stats.preference_outcome("significantly_better", "a") == 1.0
     assert stats.preference_outcome("slightly_better", "b") == 0.25
-    assert stats.preference_outcome("tie", None) == 0.5
+    assert stats.preference_outcome("tie_both_good", None) == 0.5
     with pytest.raises(KeyError):
         stats.preference_outcome("much_better", "a")
 
