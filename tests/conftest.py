@@ -11,6 +11,17 @@ from tests.factories import UserFactory
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip where there is no CUDA device (torch imported only then)."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu:
+                item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
 def _persona(username: str, *roles: str):
     user = UserFactory(username=username)
     for role in roles:

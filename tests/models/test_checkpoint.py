@@ -1,8 +1,11 @@
-"""Checkpoint import/load: round trips, Hugging Face parity on a tiny Llama, damaged files."""
+"""Checkpoint import/load: round trips, self-describing configs (v2; v1 still loads), Hugging
+Face parity on a tiny Llama, damaged files."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,10 @@ from models.checkpoint import (
     CheckpointError,
     import_checkpoint,
     load_checkpoint,
+    read_config,
     save_checkpoint,
+    sha256_file,
+    source_commit,
     unpermute_qk,
 )
 
@@ -47,6 +53,70 @@ def test_saved_checkpoint_loads_back_to_the_same_model(tiny_checkpoint, tiny_mod
     x = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), tiny_model(x), rtol=0, atol=0)
+
+
+def test_a_saved_checkpoint_says_what_it_is_and_where_it_came_from(tiny_checkpoint, tmp_path):
+    meta = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert meta["version"] == 2 and meta["provenance"] == {"source": "test"}
+    digest = sha256_file(tiny_checkpoint / "model.safetensors")
+    assert meta["weights"] == {"kind": "dense", "sha256": digest}
+    assert (meta["step"], meta["metrics"], meta["parent"]) == (None, {}, None)
+    assert meta["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert set(meta["packages"]) == {"torch", "transformers", "evalhub"}
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
+    assert meta["source_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+
+    cfg, _ = read_config(tiny_checkpoint)
+    trained = load_checkpoint(tiny_checkpoint).state_dict()
+    child = save_checkpoint(
+        tmp_path / "child", cfg, trained, {"source": "sft"}, step=120, metrics={"loss": 1.25},
+        parent=tiny_checkpoint,
+    )
+    _, child_meta = read_config(child)
+    assert child_meta["step"] == 120 and child_meta["metrics"] == {"loss": 1.25}
+    assert child_meta["parent"] == {"path": str(tiny_checkpoint.resolve()), "sha256": digest}
+
+
+def test_the_source_commit_is_none_without_git(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    assert source_commit() is None
+
+
+def test_a_version_1_checkpoint_still_loads(tiny_checkpoint, tiny_model, tmp_path):
+    config = tiny_checkpoint / "config.json"
+    v1 = {
+        "format": "evalhub-afm",
+        "version": 1,
+        "model": tiny_model.cfg.to_dict(),
+        "provenance": {"source": "old.gguf", "source_format": "gguf"},
+    }
+    config.write_text(json.dumps(v1))
+    x = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_checkpoint(tiny_checkpoint)(x), tiny_model(x))
+    _, meta = read_config(tiny_checkpoint)
+    assert meta["version"] == 1 and meta["weights"] == {"kind": "dense"}
+    assert meta["parent"] is None and meta["provenance"]["source"] == "old.gguf"
+    # A v1 parent records no weights hash: the child's config hashes the parent's file.
+    child = save_checkpoint(
+        tmp_path / "child", tiny_model.cfg, tiny_model.state_dict(), {}, parent=tiny_checkpoint
+    )
+    digest = sha256_file(tiny_checkpoint / "model.safetensors")
+    assert read_config(child)[1]["parent"]["sha256"] == digest
+
+
+def test_unknown_versions_and_weight_schemes_raise_checkpoint_errors(tiny_checkpoint):
+    config = tiny_checkpoint / "config.json"
+    meta = json.loads(config.read_text())
+    config.write_text(json.dumps({**meta, "version": 3}))
+    with pytest.raises(CheckpointError, match="unsupported checkpoint version 3"):
+        load_checkpoint(tiny_checkpoint)
+    palettized = {"kind": "palettized", "bits": 4, "group": 16}
+    config.write_text(json.dumps({**meta, "weights": palettized}))
+    with pytest.raises(CheckpointError, match="weight scheme"):
+        load_checkpoint(tiny_checkpoint)
 
 
 def test_truncated_weights_raise_a_checkpoint_error_naming_the_file(tiny_checkpoint):
