@@ -61,7 +61,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW β1, β2 (§2.2)
     eps: float = 1e-5  # AdamW ε (§2.2)
     schedule: str = "cosine"  # "cosine" (§3.1) or "constant" (after the warm-up)
-    warmup_ratio: float = 0.03  # share of steps warmed up linearly; Stanford Alpaca's recipe
+    warmup_ratio: float = 0.03  # share of steps warmed up linearly (Taori et al. 2023,
+    # Stanford Alpaca's fine-tuning recipe, --warmup_ratio 0.03; Llama 2 §3.1 gives none)
     min_lr_ratio: float = 0.1  # cosine floor: 10% of the peak (§2.2)
     batch_size: int = 64  # examples per optimizer step, over all processes (§3.1)
     accumulation: int = 1  # micro-batches per process and optimizer step

@@ -71,7 +71,12 @@ def test_a_saved_checkpoint_says_what_it_is_and_where_it_came_from(tiny_checkpoi
     cfg, _ = read_config(tiny_checkpoint)
     trained = load_checkpoint(tiny_checkpoint).state_dict()
     child = save_checkpoint(
-        tmp_path / "child", cfg, trained, {"source": "sft"}, step=120, metrics={"loss": 1.25},
+        tmp_path / "child",
+        cfg,
+        trained,
+        {"source": "sft"},
+        step=120,
+        metrics={"loss": 1.25},
         parent=tiny_checkpoint,
     )
     _, child_meta = read_config(child)
