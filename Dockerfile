@@ -2,6 +2,7 @@ FROM python:3.11-slim
 WORKDIR /app
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 STATIC_ROOT=/app/static EVALHUB_MANIFEST_STATIC=true
 COPY pyproject.toml requirements-data.txt README.md ./
+COPY core core
 COPY evalhub evalhub
 COPY grading grading
 COPY models models

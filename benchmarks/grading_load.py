@@ -10,7 +10,7 @@ the server but not stored) and duplicated ones (an item labelled twice by one ra
 its overlap). It also prints the CPU the server side (gunicorn workers and their PostgreSQL
 backends) spends per label, a figure that load from other programs on the machine barely moves.
 
-What makes a label cheap (grading/services.py, grading/access.py, evalhub/rows.py): claiming
+What makes a label cheap (grading/services.py, grading/access.py, core/rows.py): claiming
 and submitting are one SQL statement each, the token, campaign and assignment lookups are
 plain queries (ORM compilation cost more than PostgreSQL's answer), PostgreSQL plans repeated
 statements once per connection (prepared), and no redundant index is written per label.
@@ -45,7 +45,7 @@ def prepare(args) -> tuple[int, list[str]]:
     django.setup()
     from django.contrib.auth.models import Group, User
 
-    from evalhub.models import ApiToken
+    from core.models import ApiToken
     from grading.models import Campaign, Item, Response
 
     campaign = Campaign.objects.create(name="load", kind="side_by_side", overlap=3,

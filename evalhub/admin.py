@@ -1,6 +1,7 @@
 from django.contrib import admin
 
-from evalhub.models import ApiToken, Job, JobStep, ModelVersion
+from core.models import ApiToken, Job, JobStep
+from evalhub.models import ModelVersion
 
 
 class JobStepInline(admin.TabularInline):

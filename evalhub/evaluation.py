@@ -13,11 +13,12 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from evalhub.jobs import JobError, job_submit
-from evalhub.models import EvalRun, EvalSample, Job, JobStep, ModelVersion
+from core.jobs import JobError, job_submit
+from core.models import Job, JobStep
+from evalhub.models import EvalRun, EvalSample, ModelVersion
 from evalhub.registry import backend_for
-from models.backends import BackendError
 from grading.quality import single_sided_grades
+from models.backends import BackendError
 from suites import REGISTRY
 from suites.base import GenerateRequest, SampleResult
 from suites.runner import run_suite

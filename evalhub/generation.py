@@ -8,8 +8,9 @@ from dataclasses import replace
 
 from django.db import transaction
 
-from evalhub.jobs import JobError, run_steps
-from evalhub.models import Job, ModelVersion
+from core.jobs import JobError, run_steps
+from core.models import Job
+from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
 from grading.models import SIDE_BY_SIDE, Campaign
 from grading.services import campaign_import

@@ -5,8 +5,8 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from evalhub.access import researcher_required
-from evalhub.jobs import job_submit
+from core.access import researcher_required
+from core.jobs import job_submit
 from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
 from models.backends import BackendError, GenerationArgs

@@ -7,8 +7,9 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from evalhub.jobs import JobError
-from evalhub.models import Job, ModelVersion
+from core.jobs import JobError
+from core.models import Job
+from evalhub.models import ModelVersion
 from evalhub.registry import LOADED
 from grading.exports import preferences_from_campaigns
 

@@ -7,8 +7,8 @@ from django.http import JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
+from core.access import api_role_required, researcher_required
 from evalhub import leaderboard as board
-from evalhub.access import api_role_required, researcher_required
 from evalhub.evaluation import compare_runs, eval_submit
 from evalhub.models import EvalRun, ModelVersion
 from suites import REGISTRY

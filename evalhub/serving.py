@@ -13,8 +13,9 @@ from functools import wraps
 from django.http import JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from evalhub.access import RESEARCHER, has_role
-from evalhub.models import ApiToken, ModelVersion
+from core.access import RESEARCHER, has_role
+from core.models import ApiToken
+from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
 from models.backends import BackendError, GenerationArgs
 from models.backends.streaming import stream_text

@@ -10,8 +10,8 @@ from celery import shared_task
 from django.conf import settings
 from django.db import transaction
 
-from evalhub.jobs import DEFERRED, JobError, job_task, run_steps
-from evalhub.models import Job, JobCancelled
+from core.jobs import DEFERRED, JobError, job_task, run_steps
+from core.models import Job, JobCancelled
 
 
 def count_primes(lo: int, hi: int) -> int:

@@ -9,10 +9,10 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from evalhub.access import access_job, api_role_required, is_researcher, researcher_required
+from core.access import access_job, api_role_required, is_researcher, researcher_required
+from core.jobs import JobError, job_cancel, job_submit
+from core.models import Job
 from evalhub.celery import app
-from evalhub.jobs import JobError, job_cancel, job_submit
-from evalhub.models import Job
 
 JOBS_PAGE_SIZE = 50
 

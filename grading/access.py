@@ -9,8 +9,8 @@ from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q
 from django.http import Http404
 
-from evalhub import rows
-from evalhub.access import RATER, has_role, is_researcher
+from core import rows
+from core.access import RATER, has_role, is_researcher
 from grading.models import Assignment, Campaign, Item
 
 
@@ -29,7 +29,7 @@ def campaigns_for_rater(user):
 
 # The rules of campaigns_for_rater for one campaign, and a rater's own assignment with its item
 # and campaign, as plain queries: they run on every "next task" and every submit, where the ORM
-# spends more time compiling them than the database spends answering (evalhub/rows.py).
+# spends more time compiling them than the database spends answering (core/rows.py).
 _RATER_CAMPAIGN_SQL = f"""
 SELECT {rows.columns(Campaign, "c")} FROM grading_campaign c
 WHERE c.id = %(campaign)s AND c.status = 'open'

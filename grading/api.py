@@ -9,7 +9,7 @@ import json
 from django.http import Http404, JsonResponse
 from django.views.decorators.http import require_POST
 
-from evalhub.access import RATER, api_role_required
+from core.access import RATER, api_role_required
 from grading import access
 from grading.services import (GradingError, LeaseLost, assignment_claim, assignment_skip,
                               assignment_submit)

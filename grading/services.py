@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from evalhub import rows
+from core import rows
 from grading.models import Assignment, Campaign, Item, Label, Response
 from grading.uploads import parse_upload
 from models.preferences import STRENGTHS, TIES

@@ -6,8 +6,8 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from evalhub.jobs import JobError, job_task
-from evalhub.models import Job
+from core.jobs import JobError, job_task
+from core.models import Job
 from grading.exports import FORMATS, export_file
 from grading.models import Campaign
 from grading.services import leases_expire

@@ -8,9 +8,9 @@ from django.http import FileResponse, Http404, HttpResponseBadRequest
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from evalhub.access import researcher_required
-from evalhub.jobs import job_submit
-from evalhub.models import Job
+from core.access import researcher_required
+from core.jobs import job_submit
+from core.models import Job
 from grading import access, quality
 from grading.forms import CampaignForm, ExportForm, UploadForm
 from grading.models import Label

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from evalhub.models import ApiToken, Job, JobStep
+from core.models import ApiToken, Job, JobStep
 from evalhub.tasks import count_primes
 from tests.services import ROOT, flush_redis, redis_url, start_gunicorn, start_worker, wait_for
 

@@ -4,8 +4,8 @@ from unittest import mock
 
 import pytest
 
-from evalhub.jobs import KINDS, JobError, execute, job_cancel, job_submit, run_steps
-from evalhub.models import Job, JobStep
+from core.jobs import KINDS, JobError, execute, job_cancel, job_submit, run_steps
+from core.models import Job, JobStep
 from evalhub.tasks import count_primes
 
 pytestmark = pytest.mark.django_db

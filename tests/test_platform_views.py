@@ -7,8 +7,8 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
-from evalhub.jobs import KINDS
-from evalhub.models import ApiToken, Job
+from core.jobs import KINDS
+from core.models import ApiToken, Job
 
 pytestmark = pytest.mark.django_db
 

@@ -97,3 +97,83 @@ def test_compose_runs_the_commands_the_integration_tests_run():
     assert services["worker"]["command"] == ["python", *WORKER_ARGS]
     assert services["beat"]["command"] == ["python", *BEAT_ARGS]
     assert {"postgres", "redis"} <= set(services)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, at module level or inside functions, with ``from m import
+    x`` counted as both ``m`` and ``m.x`` (x may be a submodule)."""
+    import ast
+
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            module = ".".join([*base, node.module or ""]).strip(".") if node.level else node.module
+            found |= {module, *(f"{module}.{alias.name}" for alias in node.names)}
+    return found
+
+
+def _import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """module → the modules of ``packages`` it imports (migrations left out: generated)."""
+    graph = {}
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            graph[module] = {m for m in _imports(path) if m.split(".")[0] in packages}
+    return graph
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph, as a path that ends where it starts; None when acyclic."""
+    state: dict[str, str] = {}  # "open" while on the current path, then "done"
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, nxt])):
+                return found
+        state[node] = "done"
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (found := visit(start, [start])):
+            return found
+    return None
+
+
+PACKAGES = ("core", "evalhub", "grading", "models", "suites")
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}}) is None
+
+
+def test_packages_import_each_other_in_one_direction_only():
+    """core ← grading ← evalhub (and models, suites below all three), counting imports inside
+    functions too: a deferred import is still a dependency."""
+    edges: dict[str, set[str]] = {}
+    for module, targets in _import_graph(PACKAGES).items():
+        source = module.split(".")[0]
+        edges.setdefault(source, set()).update(
+            t.split(".")[0] for t in targets if t.split(".")[0] != source)
+    assert _cycle(edges) is None, edges
+    assert "evalhub" not in edges["grading"] and not edges["core"] & {"evalhub", "grading"}
+
+
+def test_modules_inside_evalhub_import_each_other_without_a_cycle():
+    graph = _import_graph(PACKAGES)
+    modules = {m for m in graph if m.startswith("evalhub")}
+    # `from evalhub import x` names the module evalhub.x; keep the most specific module named.
+    edges = {m: {t if t in modules else t.rpartition(".")[0] for t in graph[m]} & modules - {m}
+             for m in modules}
+    edges = {m: {t for t in targets if t != "evalhub"} for m, targets in edges.items()}
+    assert _cycle(edges) is None

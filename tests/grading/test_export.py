@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 from django.urls import reverse
 
-from evalhub.jobs import KINDS, execute
-from evalhub.models import Job
+from core.jobs import KINDS, execute
+from core.models import Job
 from grading.quality import export_path
 from grading.services import assignment_claim, assignment_submit
 from tests.factories import make_campaign, make_items

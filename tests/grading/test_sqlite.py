@@ -25,7 +25,7 @@ call_command("migrate", verbosity=0)
 from django.contrib.auth.models import Group, User
 from django.test import Client
 from django.utils import timezone
-from evalhub.models import ApiToken
+from core.models import ApiToken
 from grading.models import Assignment, Campaign, Item, Label, Response
 
 campaign = Campaign.objects.create(name="c", kind="side_by_side", overlap=2, gold_rate=0.0)

@@ -169,7 +169,7 @@ def _api(client, url, token, body=None):
 
 def test_the_rater_api_hands_out_tasks_without_model_names_and_takes_labels(client, alice, bob,
                                                                              campaign):
-    from evalhub.models import ApiToken
+    from core.models import ApiToken
 
     _, alice_token = ApiToken.issue(user=alice, name="a")
     _, bob_token = ApiToken.issue(user=bob, name="b")

@@ -4,9 +4,10 @@ import pytest
 from django.core.management import call_command
 from django.urls import reverse
 
+from core.jobs import KINDS, execute
+from core.models import Job
 from evalhub.evaluation import compare_runs, regressions
-from evalhub.jobs import KINDS, execute
-from evalhub.models import EvalRun, EvalSample, Job, ModelVersion
+from evalhub.models import EvalRun, EvalSample, ModelVersion
 from grading.services import assignment_claim, assignment_submit
 from tests.factories import make_campaign, make_items
 

@@ -2,9 +2,10 @@
 
 import pytest
 
+from core.jobs import KINDS, execute
+from core.models import Job, JobStep
 from evalhub.generation import pair_plan
-from evalhub.jobs import KINDS, execute
-from evalhub.models import Job, JobStep, ModelVersion
+from evalhub.models import ModelVersion
 from evalhub.registry import checkpoint_stats
 from grading.models import Campaign, Item
 

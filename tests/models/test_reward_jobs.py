@@ -6,8 +6,9 @@ import json
 import pytest
 from django.urls import reverse
 
-from evalhub.jobs import KINDS, execute
-from evalhub.models import ApiToken, Job, ModelVersion
+from core.jobs import KINDS, execute
+from core.models import ApiToken, Job
+from evalhub.models import ModelVersion
 from grading.models import Item, Response
 from grading.services import assignment_claim, assignment_submit
 from tests.factories import UserFactory, make_campaign

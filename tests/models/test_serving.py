@@ -4,7 +4,8 @@ openai_http backend, against SmolLM2 served by the built-in engine."""
 import openai
 import pytest
 
-from evalhub.models import ApiToken, ModelVersion
+from core.models import ApiToken
+from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
 from models.backends import GenerationArgs, load_backend
 

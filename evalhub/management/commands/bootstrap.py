@@ -9,9 +9,10 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
-from evalhub.access import ROLES
-from evalhub.jobs import job_submit
-from evalhub.models import Job, ModelVersion
+from core.access import ROLES
+from core.jobs import job_submit
+from core.models import Job
+from evalhub.models import ModelVersion
 from evalhub.registry import SMOLLM2_NAME, model_import, smollm2_gguf
 from grading.models import SIDE_BY_SIDE, SINGLE_SIDED, Campaign
 from grading.services import campaign_import

@@ -5,9 +5,10 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from core.jobs import JobError
+from core.models import Job
 from evalhub.evaluation import evaluate_run
-from evalhub.jobs import JobError
-from evalhub.models import EvalRun, Job, ModelVersion
+from evalhub.models import EvalRun, ModelVersion
 from suites import REGISTRY
 
 

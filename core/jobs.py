@@ -15,7 +15,7 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import IntegrityError, transaction
 
-from evalhub.models import Job, JobCancelled, JobStep, new_task_id
+from core.models import Job, JobCancelled, JobStep, new_task_id
 
 log = logging.getLogger(__name__)
 

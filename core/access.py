@@ -12,7 +12,7 @@ from django.http import JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.views.decorators.csrf import csrf_exempt
 
-from evalhub.models import ApiToken, Job
+from core.models import ApiToken, Job
 
 RATER, RESEARCHER, ADMIN = "rater", "researcher", "admin"
 ROLES = (RATER, RESEARCHER, ADMIN)
