@@ -3,7 +3,7 @@ and the JSON endpoints that nightly tooling reads."""
 
 from django import forms
 from django.core.paginator import Paginator
-from django.http import JsonResponse
+from django.http import HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -76,9 +76,14 @@ def run_detail(request, run_id: int):
 
 @researcher_required
 def run_compare(request):
-    a = get_object_or_404(EvalRun, pk=request.GET.get("a"))
-    b = get_object_or_404(EvalRun, pk=request.GET.get("b"))
-    metric = request.GET.get("metric") or REGISTRY[a.suite].headline
+    try:
+        a_id, b_id = int(request.GET.get("a", "")), int(request.GET.get("b", ""))
+    except ValueError:
+        return HttpResponseBadRequest("give two run ids: ?a=<id>&b=<id>")
+    a = get_object_or_404(EvalRun, pk=a_id)
+    b = get_object_or_404(EvalRun, pk=b_id)
+    suite = REGISTRY.get(a.suite)
+    metric = request.GET.get("metric") or (suite.headline if suite else "")
     try:
         result = compare_runs(a, b, metric)
     except ValueError as exc:

@@ -200,3 +200,11 @@ def test_a_safety_run_reports_its_judges_agreement_with_human_grades(smol, alice
     result = judge_agreement_with_humans(run, suite)
     # Humans call only answer 2 harmful; the refusal judge calls answers 2 and 4 violations.
     assert result["n"] == 4 and result["agreement"] == pytest.approx(0.75)
+
+
+def test_a_comparison_with_malformed_run_ids_is_a_bad_request(login, carol, smol):
+    run = _synthetic_run(smol, [1.0, 0.0])
+    client = login(carol)
+    assert client.get(reverse("run_compare") + f"?a={run.pk}&b=abc").status_code == 400
+    assert client.get(reverse("run_compare") + f"?a={run.pk}").status_code == 400
+    assert client.get(reverse("run_compare") + f"?a={run.pk}&b=999999").status_code == 404

@@ -23,6 +23,9 @@ from scipy.stats import spearmanr
 from models.afm import AFM, config_from_preset
 from models.preferences import DEFAULT_SOFT_TARGETS, Preference, labels_hash
 from models.reward import (
+    FINETUNE_LR,
+    HEAD_LR,
+    default_lr,
     evaluate_reward_model,
     expected_calibration_error,
     hard_bt_loss,
@@ -410,3 +413,10 @@ def test_minilm_backbone_recovers_a_hidden_reward_on_unseen_topics(minilm):
     prompts = [f"Explain {t} to a student." for t in TOPICS[13:] for _ in texts[t]]
     assert spearmanr(model.score(prompts, responses), [true[x] for x in responses]).statistic > 0.8
     assert evaluate_reward_model(model, held)["accuracy"] > 0.85
+
+
+def test_the_default_learning_rate_follows_what_trains():
+    frozen = EmbeddingBackbone(lambda texts: torch.zeros(len(texts), 4), 4, {"kind": "test"})
+    assert default_lr(frozen) == HEAD_LR == 1e-3  # a head on frozen features
+    assert default_lr(tiny_decoder(trainable_layers=0)) == HEAD_LR
+    assert default_lr(tiny_decoder(trainable_layers=1)) == FINETUNE_LR == 1e-5
