@@ -7,7 +7,8 @@
 
 The draft is never trusted: ``models.generate`` keeps only the tokens the fp32 model itself
 picks, so the draft decides how many tokens a pass yields, not which. Its int4 copies follow
-the model's weights: each is rebuilt when the weight it was made from changes.
+the model's weights: ``Int4Draft.refresh``, called before every speculative generation,
+rebuilds each copy whose fp32 weight changed.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ class ShortlistHead:
     fp32 head's whenever the fp32 winner is on the shortlist, for ~1/7 of the weight traffic."""
 
     def __init__(self, head: Projection, group_size: int = 32, shortlist: int = 16):
-        self.approx = Int4Linear(head, group_size)
+        self.approx = Int4Linear(head, group_size)  # refreshed by Int4Draft.refresh
         self.head = head  # the model's own head, shared
         self.shortlist = shortlist
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """Greedy next tokens (B,) for hidden states (B, dim)."""
-        candidates = self.approx(h).topk(self.shortlist, dim=-1).indices  # (B, shortlist)
+        candidates = self.approx.apply(h).topk(self.shortlist, dim=-1).indices  # (B, shortlist)
         weight = self.head.effective_weight()  # (V, dim), no copy for a dense head
         exact = (weight[candidates] @ h.unsqueeze(-1)).squeeze(-1)  # (B, shortlist)
         return candidates.gather(-1, exact.argmax(dim=-1, keepdim=True)).squeeze(-1)
@@ -56,14 +57,22 @@ class Int4Draft:
     def __init__(self, model: AFM, group_size: int = 32):
         self.model = model
 
-        def int4(projection: Projection) -> Int4Linear:
-            return Int4Linear(projection, group_size)
-
-        self.layers = [
-            (int4(b.attn.wqkv), int4(b.attn.wo), int4(b.mlp.w13), int4(b.mlp.w2))
+        self.copies = [
+            tuple(Int4Linear(p, group_size) for p in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2))
             for b in model.blocks
         ]
         self.head = ShortlistHead(model.lm_head, group_size)
+        # What AFM.step runs: the copies' unchecked ``apply`` (``refresh`` checks them once per
+        # generation instead of once per call), bound methods rather than module calls.
+        self.layers = [tuple(c.apply for c in copies) for copies in self.copies]
+
+    def refresh(self) -> None:
+        """Rebuild every int4 copy whose fp32 weight changed (a training step, a reload):
+        ``models.generate`` calls it before each speculative generation."""
+        for copies in self.copies:
+            for copy in copies:
+                copy.refresh()
+        self.head.approx.refresh()
 
     def step(
         self,

@@ -224,6 +224,7 @@ def generate(
     next_tokens = pick(hidden)
     next_pos = positions[:, -1] + 1  # (B,)
     if draft is not None and k > 0:
+        draft.model.refresh()
         _speculate(model, draft, k, cache, key_valid, next_tokens, next_pos, out)
         return out.tokens
     for step in range(max_new_tokens):

@@ -114,8 +114,10 @@ class BoundedGreedy:
 
 
 # ------------------------------------------------------------------ training elementwise kernels
-def _wants_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _wants_grad(x: torch.Tensor, weight: torch.Tensor | None = None) -> bool:
+    if not torch.is_grad_enabled():  # inference: the common case, decided first
+        return False
+    return x.requires_grad or (weight is not None and weight.requires_grad)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -199,7 +199,7 @@ class Int4Linear(Projection):
     """Weight-only int4 copy of a ``source`` projection (``quantize_int4``), CPU only. It
     reads ~7x fewer weight bytes than fp32 and is not exact: the speculative draft's
     projections (``models.draft``). Rows in any float dtype; the output is bf16 (the kernel's).
-    Rebuilt from the source when the source's weight changes."""
+    ``forward`` rebuilds it from the source first when the source's weight changed."""
 
     def __init__(self, source: Projection, group_size: int = 32):
         super().__init__()
@@ -215,19 +215,25 @@ class Int4Linear(Projection):
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)  # (N, K/2) uint8
         self.made_from = source.version()
 
+    def refresh(self) -> None:
+        """Rebuild from the source if its weight changed since the last build."""
+        if self.made_from != self._source[0].version():
+            self._build()
+
     def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         if rows is not None:
             raise NotImplementedError("Int4Linear computes all output features")
-        if self.made_from != self._source[0].version():
-            self._build()
-        lead = x.shape[:-1]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(torch.bfloat16),
-            self.packed,
-            self.group_size,
-            self.scales_zeros,
-        )  # (N, out) bf16
-        return y.view(*lead, self.out_features)
+        self.refresh()
+        y = self.apply(x.reshape(-1, self.in_features))  # (N, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, in) rows -> (N, out) bf16: ``forward`` without the staleness check, for a caller
+        that ran ``refresh()`` since the source last changed (``models.draft.Int4Draft``, once
+        per generation: the check costs ~2 us, 121 times a SmolLM2 draft step)."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows.to(torch.bfloat16), self.packed, self.group_size, self.scales_zeros
+        )
 
     def effective_weight(self) -> torch.Tensor:
         """The dequantized matrix (what the int4 kernel multiplies by), fp32."""

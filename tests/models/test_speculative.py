@@ -260,8 +260,8 @@ def test_builtin_backend_speculates_by_default_with_the_same_text(smollm2_checkp
     from models.backends import GenerationArgs
     from models.backends.builtin import BuiltinBackend
 
-    fast = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False)
-    plain = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False, draft=None)
+    fast = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False, device="cpu")
+    plain = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False, draft=None, device="cpu")
     assert fast.draft is not None and plain.draft is None
     prompts = [fast.chat_format([{"role": "user", "content": q}]) for q in ("Hi!", "2+2?")]
     prompts.append("The capital of France is")
