@@ -12,7 +12,7 @@ TEST_ENV := DATABASE_URL=$${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:543
 	CELERY_BROKER_URL=$${TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	EVALHUB_VAR_DIR=$(CURDIR)/var/test EVALHUB_HTTPS=false EVALHUB_MANIFEST_STATIC=false
 
-.PHONY: run test install
+.PHONY: run test lint install
 
 install: $(STAMP)
 
@@ -29,5 +29,11 @@ run: $(STAMP)
 	EVALHUB_HTTPS=$${EVALHUB_HTTPS:-false} $(PY) manage.py bootstrap
 	EVALHUB_HTTPS=$${EVALHUB_HTTPS:-false} $(PY) manage.py runplatform
 
-test: $(STAMP)
+# ruff (rules in pyproject: E, F, I, B, UP), the formatter's check, mypy on models/ and suites/.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)

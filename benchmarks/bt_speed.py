@@ -18,6 +18,7 @@ psutil, accelerate (fastchat's import chain). Last line:
 """
 
 from __future__ import annotations
+
 import sys as _sys
 from pathlib import Path as _Path
 

@@ -34,12 +34,25 @@ PG = "postgres://postgres@127.0.0.1:5432"
 
 
 def prepare(args) -> tuple[int, list[str]]:
-    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc",
-                    f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)"], check=True)
-    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc",
-                    f"CREATE DATABASE {DB_NAME}"], check=True)
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, check=True,
-                   env=os.environ)
+    subprocess.run(
+        [
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-qc",
+            f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc", f"CREATE DATABASE {DB_NAME}"],
+        check=True,
+    )
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, check=True, env=os.environ
+    )
     import django
 
     django.setup()
@@ -48,17 +61,25 @@ def prepare(args) -> tuple[int, list[str]]:
     from core.models import ApiToken
     from grading.models import Campaign, Item, Response
 
-    campaign = Campaign.objects.create(name="load", kind="side_by_side", overlap=3,
-                                       lease_seconds=600, gold_rate=0.0)
+    campaign = Campaign.objects.create(
+        name="load", kind="side_by_side", overlap=3, lease_seconds=600, gold_rate=0.0
+    )
     t0 = time.perf_counter()
     for start in range(0, args.items, 10_000):
         n = min(10_000, args.items - start)
         items = Item.objects.bulk_create(
-            [Item(campaign=campaign, prompt=f"Prompt {start + i}: explain something.")
-             for i in range(n)])
+            [
+                Item(campaign=campaign, prompt=f"Prompt {start + i}: explain something.")
+                for i in range(n)
+            ]
+        )
         Response.objects.bulk_create(
-            [Response(item=it, position=p, text=f"Answer {p} " * 40, model_name=f"m{p}")
-             for it in items for p in (0, 1)])
+            [
+                Response(item=it, position=p, text=f"Answer {p} " * 40, model_name=f"m{p}")
+                for it in items
+                for p in (0, 1)
+            ]
+        )
     print(f"loaded {args.items} items in {time.perf_counter() - t0:.1f}s", flush=True)
     rater_group, _ = Group.objects.get_or_create(name="rater")
     tokens = []
@@ -75,7 +96,9 @@ async def request(port: int, path: str, token: str, body: dict) -> tuple[int, di
     writer.write(
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-        f"Connection: close\r\n\r\n".encode() + payload)
+        f"Connection: close\r\n\r\n".encode()
+        + payload
+    )
     raw = await reader.read()
     writer.close()
     head, _, content = raw.partition(b"\r\n\r\n")
@@ -92,8 +115,9 @@ async def rater(port, campaign_id, token, deadline, stats):
             return
         task_id = body["task"]["id"]
         t0 = time.perf_counter()
-        status, body = await request(port, f"/grading/api/tasks/{task_id}/submit/", token,
-                                     {"choice": "left_better"})
+        status, body = await request(
+            port, f"/grading/api/tasks/{task_id}/submit/", token, {"choice": "left_better"}
+        )
         stats["submit"].append(time.perf_counter() - t0)
         if status == 200:
             stats["acked"].add(body["label"])
@@ -117,9 +141,20 @@ def server_pids(server) -> tuple[list[int], list[int]]:
     """gunicorn's master and workers, and the PostgreSQL backends serving the benchmark's
     database: the CPU they use per label is the figure that load from elsewhere cannot skew."""
     children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-    out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc",
-                          f"SELECT pid FROM pg_stat_activity WHERE datname = '{DB_NAME}'"],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [
+            "psql",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-Atc",
+            f"SELECT pid FROM pg_stat_activity WHERE datname = '{DB_NAME}'",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return [server.pid, *map(int, children)], list(map(int, out))
 
 
@@ -135,8 +170,13 @@ def verify(campaign_id: int, acked: set) -> tuple[int, int]:
 
     stored = set(Label.objects.filter(campaign_id=campaign_id).values_list("id", flat=True))
     lost = len(acked - stored)
-    per_pair = (Assignment.objects.filter(campaign_id=campaign_id).values("item", "rater")
-                .annotate(n=Count("id")).filter(n__gt=1).count())
+    per_pair = (
+        Assignment.objects.filter(campaign_id=campaign_id)
+        .values("item", "rater")
+        .annotate(n=Count("id"))
+        .filter(n__gt=1)
+        .count()
+    )
     over = Item.objects.filter(campaign_id=campaign_id, labelled__gt=3).count()
     return lost, per_pair + over
 
@@ -150,22 +190,42 @@ def main():
     # worker sits idle while it waits on PostgreSQL and on each client's close.
     parser.add_argument("--web-workers", type=int, default=2 * os.cpu_count() + 1)
     args = parser.parse_args()
-    os.environ.update(DATABASE_URL=f"{PG}/{DB_NAME}", DJANGO_SETTINGS_MODULE="evalhub.settings",
-                      EVALHUB_HTTPS="false", EVALHUB_VAR_DIR=str(ROOT / "var" / "bench"),
-                      DB_CONN_MAX_AGE="600", LOG_LEVEL="WARNING")
+    os.environ.update(
+        DATABASE_URL=f"{PG}/{DB_NAME}",
+        DJANGO_SETTINGS_MODULE="evalhub.settings",
+        EVALHUB_HTTPS="false",
+        EVALHUB_VAR_DIR=str(ROOT / "var" / "bench"),
+        DB_CONN_MAX_AGE="600",
+        LOG_LEVEL="WARNING",
+    )
     campaign_id, tokens = prepare(args)
     port = 8765
     server = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "evalhub.wsgi", "--bind", f"127.0.0.1:{port}",
-         "--workers", str(args.web_workers), "--log-level", "warning"], cwd=ROOT, env=os.environ)
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "evalhub.wsgi",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(args.web_workers),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=os.environ,
+    )
     try:
         time.sleep(4)
         # Warm-up, not measured: each gunicorn worker imports the app's lazy modules on its
         # first requests (seconds), which would otherwise land in the p99.
         warm = {"next": [], "submit": [], "acked": set(), "errors": []}
+
         async def warm_up():
-            await asyncio.gather(*(rater(port, campaign_id, tok, time.monotonic() + 3, warm)
-                                   for tok in tokens))
+            await asyncio.gather(
+                *(rater(port, campaign_id, tok, time.monotonic() + 3, warm) for tok in tokens)
+            )
 
         asyncio.run(warm_up())
         stats = {"next": [], "submit": [], "acked": set(), "errors": []}
@@ -175,8 +235,9 @@ def main():
         deadline = time.monotonic() + args.seconds
 
         async def run_all():
-            await asyncio.gather(*(rater(port, campaign_id, tok, deadline, stats)
-                                   for tok in tokens))
+            await asyncio.gather(
+                *(rater(port, campaign_id, tok, deadline, stats) for tok in tokens)
+            )
 
         asyncio.run(run_all())
         wall = time.perf_counter() - t0
@@ -189,13 +250,19 @@ def main():
     lost, duplicated = verify(campaign_id, stats["acked"] | warm["acked"])
     rate = len(stats["acked"]) / wall
     p99 = max(pct(stats["next"], 0.99), pct(stats["submit"], 0.99))
-    print(f"raters={args.raters} seconds={wall:.1f} labels={len(stats['acked'])} "
-          f"errors={len(stats['errors'])} client_cpu={client_cpu:.0%} of one core")
+    print(
+        f"raters={args.raters} seconds={wall:.1f} labels={len(stats['acked'])} "
+        f"errors={len(stats['errors'])} client_cpu={client_cpu:.0%} of one core"
+    )
     n = max(1, len(stats["acked"]))
-    print(f"server CPU per label: gunicorn {1000 * web_cpu / n:.1f}ms + PostgreSQL "
-          f"{1000 * db_cpu / n:.1f}ms ({os.cpu_count()} cores)")
-    print(f"next-task p50={pct(stats['next'], .5):.1f}ms p99={pct(stats['next'], .99):.1f}ms; "
-          f"submit p50={pct(stats['submit'], .5):.1f}ms p99={pct(stats['submit'], .99):.1f}ms")
+    print(
+        f"server CPU per label: gunicorn {1000 * web_cpu / n:.1f}ms + PostgreSQL "
+        f"{1000 * db_cpu / n:.1f}ms ({os.cpu_count()} cores)"
+    )
+    print(
+        f"next-task p50={pct(stats['next'], 0.5):.1f}ms p99={pct(stats['next'], 0.99):.1f}ms; "
+        f"submit p50={pct(stats['submit'], 0.5):.1f}ms p99={pct(stats['submit'], 0.99):.1f}ms"
+    )
     if stats["errors"]:
         print("first errors:", stats["errors"][:3])
     print(f"labels_per_s={rate:.1f} p99_ms={p99:.1f} lost={lost} duplicated={duplicated}")

@@ -73,7 +73,7 @@ def simulate(n: int, seed: int, prompt_words: int) -> list[Preference]:
     def response() -> tuple[str, float]:
         words = [rng.choice(WORDS) for _ in range(rng.randint(6, 14))]
         caps = [rng.random() < 0.5 for _ in words]
-        text = " ".join(w.capitalize() if c else w for w, c in zip(words, caps))
+        text = " ".join(w.capitalize() if c else w for w, c in zip(words, caps, strict=True))
         return text, (2 * sum(caps) - len(caps)) / len(caps) ** 0.5
 
     out = []

@@ -48,5 +48,7 @@ def prefetched(obj, related_name: str, related: list) -> None:
     rows that came with ``obj`` in one query."""
     queryset = getattr(obj, related_name).all()
     queryset._result_cache, queryset._prefetch_done = list(related), True
-    obj._prefetched_objects_cache = {**getattr(obj, "_prefetched_objects_cache", {}),
-                                     related_name: queryset}
+    obj._prefetched_objects_cache = {
+        **getattr(obj, "_prefetched_objects_cache", {}),
+        related_name: queryset,
+    }

@@ -30,8 +30,17 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ("name", "kind", "backend", "n_params", "bits_per_weight", "relation", "parent",
-                    "tracked", "created_at")
+    list_display = (
+        "name",
+        "kind",
+        "backend",
+        "n_params",
+        "bits_per_weight",
+        "relation",
+        "parent",
+        "tracked",
+        "created_at",
+    )
     list_filter = ("kind", "backend", "tracked", "relation")
     search_fields = ("name", "location", "source")
     list_select_related = ("parent",)

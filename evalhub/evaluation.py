@@ -27,15 +27,26 @@ from suites.stats import paired_bootstrap_diff
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "django", "celery")
 
 
-def eval_submit(*, model: ModelVersion, suite: str, limit: int | None = None,
-                batch_size: int = 8, seed: int = 0, user=None, nightly: bool = False,
-                shards: int = 1) -> EvalRun:
+def eval_submit(
+    *,
+    model: ModelVersion,
+    suite: str,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    user=None,
+    nightly: bool = False,
+    shards: int = 1,
+) -> EvalRun:
     if suite not in REGISTRY:
         raise JobError(f"unknown suite {suite!r}; known: {', '.join(sorted(REGISTRY))}")
     with transaction.atomic():
-        run = EvalRun.objects.create(model=model, suite=suite, nightly=nightly,
-                                     settings={"limit": limit, "batch_size": batch_size,
-                                               "seed": seed, "shards": shards})
+        run = EvalRun.objects.create(
+            model=model,
+            suite=suite,
+            nightly=nightly,
+            settings={"limit": limit, "batch_size": batch_size, "seed": seed, "shards": shards},
+        )
         run.job = job_submit(kind="evaluate", params={"run_id": run.pk}, user=user)
         run.save(update_fields=["job"])
     return run
@@ -53,47 +64,64 @@ def evaluate_run(run: EvalRun, job: Job | None = None, on_batch=None, shard=None
     except BackendError as exc:
         raise JobError(f"model {run.model.name} cannot be loaded: {exc}") from exc
     done = set(run.samples.values_list("example_id", flat=True))
-    asked = {ex.id: _asked(suite.requests(ex)[0])
-             for ex in suite.examples(run.settings.get("limit")) if ex.id not in done}
+    asked = {
+        ex.id: _asked(suite.requests(ex)[0])
+        for ex in suite.examples(run.settings.get("limit"))
+        if ex.id not in done
+    }
 
     def store(new: list[SampleResult], n_done: int, total: int) -> None:
         for r in new:
             r.details.setdefault("prompt", asked.get(r.id, ""))  # kept for the drilldown
-        EvalSample.objects.bulk_create([_sample(run, suite, r) for r in new],
-                                       ignore_conflicts=True)  # a redelivered batch is a no-op
+        EvalSample.objects.bulk_create(
+            [_sample(run, suite, r) for r in new], ignore_conflicts=True
+        )  # a redelivered batch is a no-op
         if job is not None:
             job.report(n_done / max(total, 1), f"{n_done + len(done)} samples scored")
         if on_batch is not None:
             on_batch(len(new), n_done, total)
 
     opts = run.settings
-    result = run_suite(suite, backend, limit=opts.get("limit"), progress=store, done_ids=done,
-                       batch_size=int(opts.get("batch_size", 8)), shard=shard)
+    result = run_suite(
+        suite,
+        backend,
+        limit=opts.get("limit"),
+        progress=store,
+        done_ids=done,
+        batch_size=int(opts.get("batch_size", 8)),
+        shard=shard,
+    )
     if shard is not None:
         return finish_shard(run, job, shard, result.meta, backend)
     return _aggregate(run, suite, result.meta, backend)
 
 
 def _aggregate(run: EvalRun, suite, meta: dict, backend) -> dict:
-    stored = [SampleResult(s.example_id, s.metrics, s.extracted, s.details)
-              for s in run.samples.all()]
+    stored = [
+        SampleResult(s.example_id, s.metrics, s.extracted, s.details) for s in run.samples.all()
+    ]
     run.metrics = suite.aggregate(stored)
     if suite.judged:
         run.metrics["judge_vs_human"] = judge_agreement_with_humans(run, suite)
     run.manifest = manifest(run, meta, backend)
     run.regressions = regressions(run, suite.headline, lower_is_better=suite.lower_is_better)
     run.save(update_fields=["metrics", "manifest", "regressions"])
-    return {"run_id": run.pk, "n": len(stored), "headline": suite.headline,
-            "score": run.metrics.get(suite.headline, {}).get("mean"),
-            "regressions": run.regressions}
+    return {
+        "run_id": run.pk,
+        "n": len(stored),
+        "headline": suite.headline,
+        "score": run.metrics.get(suite.headline, {}).get("mean"),
+        "regressions": run.regressions,
+    }
 
 
 def finish_shard(run: EvalRun, job: Job, shard: tuple[int, int], meta: dict, backend):
     """Record a finished shard; the last one aggregates the run and completes the job."""
     with transaction.atomic():
         Job.objects.select_for_update().get(pk=job.pk)  # one shard at a time past this line
-        JobStep.objects.get_or_create(job=job, key=f"shard-{shard[0]}",
-                                      defaults={"attempt": job.attempts})
+        JobStep.objects.get_or_create(
+            job=job, key=f"shard-{shard[0]}", defaults={"attempt": job.attempts}
+        )
         if JobStep.objects.filter(job=job, key__startswith="shard-").count() < shard[1]:
             return None
         result = _aggregate(run, build_suite(run), {**meta, "shards": shard[1]}, backend)
@@ -107,8 +135,11 @@ def judge_agreement_with_humans(run: EvalRun, suite) -> dict:
     were."""
     from suites.safety.judges import HumanJudge, judge_agreement
 
-    grades = {key: aspects["harmlessness"] for key, aspects in single_sided_grades().items()
-              if "harmlessness" in aspects}
+    grades = {
+        key: aspects["harmlessness"]
+        for key, aspects in single_sided_grades().items()
+        if "harmlessness" in aspects
+    }
     if not grades:
         return {"agreement": None, "cohen_kappa": None, "n": 0}
     human = HumanJudge(grades)
@@ -119,8 +150,9 @@ def judge_agreement_with_humans(run: EvalRun, suite) -> dict:
         if key in human.grades:
             ours.append(suite.judge.judge(*key))
             theirs.append(human.judge(*key))
-    return judge_agreement(ours, theirs) if ours else {"agreement": None, "cohen_kappa": None,
-                                                       "n": 0}
+    return (
+        judge_agreement(ours, theirs) if ours else {"agreement": None, "cohen_kappa": None, "n": 0}
+    )
 
 
 def build_suite(run: EvalRun):
@@ -135,14 +167,17 @@ def build_suite(run: EvalRun):
     from evalhub.rewards import reward_model_for
     from suites.safety.judges import RewardJudge
 
-    version = ModelVersion.objects.filter(name=judge_spec.removeprefix("reward:"),
-                                          kind=ModelVersion.REWARD).first()
+    version = ModelVersion.objects.filter(
+        name=judge_spec.removeprefix("reward:"), kind=ModelVersion.REWARD
+    ).first()
     if version is None:
         raise JobError(f"no reward model named {judge_spec.removeprefix('reward:')!r}")
     reward = reward_model_for(version)
-    judge = RewardJudge(lambda p, r: reward.score([p], [r])[0],
-                        threshold=float(run.settings.get("judge_threshold", 0.0)),
-                        name=version.name)
+    judge = RewardJudge(
+        lambda p, r: reward.score([p], [r])[0],
+        threshold=float(run.settings.get("judge_threshold", 0.0)),
+        name=version.name,
+    )
     return REGISTRY[run.suite](judge=judge)
 
 
@@ -158,9 +193,15 @@ def _sample(run: EvalRun, suite, r: SampleResult) -> EvalSample:
     value = r.metrics.get(suite.headline)
     category = str(r.details.get(suite.category, "")) if suite.category else ""
     passed = None if value is None else (value == 0 if suite.lower_is_better else value > 0)
-    return EvalSample(run=run, example_id=r.id, metrics=r.metrics, extracted=r.extracted,
-                      details=r.details, passed=passed,
-                      category=category[:100])
+    return EvalSample(
+        run=run,
+        example_id=r.id,
+        metrics=r.metrics,
+        extracted=r.extracted,
+        details=r.details,
+        passed=passed,
+        category=category[:100],
+    )
 
 
 def manifest(run: EvalRun, meta: dict, backend) -> dict:
@@ -171,17 +212,28 @@ def manifest(run: EvalRun, meta: dict, backend) -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {**meta, "settings": run.settings, "model": run.model.name,
-            "backend_info": backend.info(), "packages": versions,
-            "python": platform.python_version(), "source_commit": source_commit()}
+    return {
+        **meta,
+        "settings": run.settings,
+        "model": run.model.name,
+        "backend_info": backend.info(),
+        "packages": versions,
+        "python": platform.python_version(),
+        "source_commit": source_commit(),
+    }
 
 
 def source_commit() -> str | None:
     if os.environ.get("EVALHUB_COMMIT"):
         return os.environ["EVALHUB_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(settings.BASE_DIR),
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(settings.BASE_DIR),
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except OSError:
         return None
     return out.stdout.strip() or None
@@ -193,30 +245,51 @@ def compare_runs(a: EvalRun, b: EvalRun, metric: str) -> dict:
         raise ValueError("only runs of the same suite can be compared")
     left = dict(a.samples.values_list("example_id", "metrics"))
     right = dict(b.samples.values_list("example_id", "metrics"))
-    common = sorted(k for k in left.keys() & right.keys()
-                    if metric in left[k] and metric in right[k])
+    common = sorted(
+        k for k in left.keys() & right.keys() if metric in left[k] and metric in right[k]
+    )
     if not common:
         return {"n": 0}
-    diff = paired_bootstrap_diff([left[k][metric] for k in common],
-                                 [right[k][metric] for k in common], seed=0)
+    diff = paired_bootstrap_diff(
+        [left[k][metric] for k in common], [right[k][metric] for k in common], seed=0
+    )
     changed = [k for k in common if left[k][metric] != right[k][metric]]
-    return {"n": diff.n, "diff": diff.diff, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
-            "p_value": diff.p_value, "changed": changed}
+    return {
+        "n": diff.n,
+        "diff": diff.diff,
+        "ci_low": diff.ci_low,
+        "ci_high": diff.ci_high,
+        "p_value": diff.p_value,
+        "changed": changed,
+    }
 
 
 def regressions(run: EvalRun, metric: str, lower_is_better: bool = False) -> list[dict]:
     """A flag when the paired interval of (this − previous run) lies wholly on the bad side of
     zero: below it for scores, above it for failure rates such as safety violations."""
-    previous = (EvalRun.objects.filter(model=run.model, suite=run.suite, metrics__isnull=False,
-                                       created_at__lt=run.created_at).exclude(pk=run.pk)
-                .order_by("-created_at").first())
+    previous = (
+        EvalRun.objects.filter(
+            model=run.model, suite=run.suite, metrics__isnull=False, created_at__lt=run.created_at
+        )
+        .exclude(pk=run.pk)
+        .order_by("-created_at")
+        .first()
+    )
     if previous is None:
         return []
     result = compare_runs(previous, run, metric)
     worse = result["n"] and (result["ci_low"] > 0 if lower_is_better else result["ci_high"] < 0)
     if worse:
-        return [{"metric": metric, "previous_run": previous.pk, "diff": result["diff"],
-                 "ci_low": result["ci_low"], "ci_high": result["ci_high"], "n": result["n"]}]
+        return [
+            {
+                "metric": metric,
+                "previous_run": previous.pk,
+                "diff": result["diff"],
+                "ci_low": result["ci_low"],
+                "ci_high": result["ci_high"],
+                "n": result["n"],
+            }
+        ]
     return []
 
 
@@ -227,6 +300,7 @@ def nightly_submit() -> list[int]:
     for model in ModelVersion.objects.filter(tracked=True, kind=ModelVersion.POLICY):
         for name, suite in REGISTRY.items():
             if suite.nightly_limit:
-                runs.append(eval_submit(model=model, suite=name, limit=suite.nightly_limit,
-                                        nightly=True).pk)
+                runs.append(
+                    eval_submit(model=model, suite=name, limit=suite.nightly_limit, nightly=True).pk
+                )
     return runs

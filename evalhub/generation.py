@@ -50,9 +50,11 @@ def run_generation(job: Job) -> dict:
         raise JobError("'models' must list registered model ids")
     models.sort(key=lambda m: params["models"].index(m.pk))
     prompts = prompts_from(params)
-    args = GenerationArgs(max_new_tokens=int(params.get("max_new_tokens", 256)),
-                          temperature=float(params.get("temperature", 0.0)),
-                          seed=int(params.get("seed", 0)))
+    args = GenerationArgs(
+        max_new_tokens=int(params.get("max_new_tokens", 256)),
+        temperature=float(params.get("temperature", 0.0)),
+        seed=int(params.get("seed", 0)),
+    )
     reranker, n_samples = _reranker(params), int(params.get("n_samples", 4))
     keys = [f"{m.pk}:{start}" for m in models for start in range(0, len(prompts), BATCH)]
     by_pk = {m.pk: m for m in models}
@@ -63,22 +65,33 @@ def run_generation(job: Job) -> dict:
             backend = backend_for(by_pk[model_pk])
         except BackendError as exc:
             raise JobError(f"model {by_pk[model_pk].name} cannot be loaded: {exc}") from exc
-        batch = prompts[start:start + BATCH]
+        batch = prompts[start : start + BATCH]
         formatted = [backend.chat_format([{"role": "user", "content": p}]) for p in batch]
         if reranker is None:
             return backend.generate(formatted, args)
         # Best-of-N: N sampled answers per prompt, the reward model keeps the best one.
-        candidates = [backend.generate(formatted, replace(args, seed=args.seed + k))
-                      for k in range(n_samples)]
-        return [options[reranker.rerank(prompt, options)]
-                for prompt, options in zip(batch, zip(*candidates))]
+        candidates = [
+            backend.generate(formatted, replace(args, seed=args.seed + k)) for k in range(n_samples)
+        ]
+        return [
+            options[reranker.rerank(prompt, options)]
+            for prompt, options in zip(batch, zip(*candidates, strict=True), strict=True)
+        ]
 
     outputs = run_steps(job, keys, generate_batch, label="batch")
-    answers = {m.pk: [text for start in range(0, len(prompts), BATCH)
-                      for text in outputs[f"{m.pk}:{start}"]] for m in models}
+    answers = {
+        m.pk: [
+            text for start in range(0, len(prompts), BATCH) for text in outputs[f"{m.pk}:{start}"]
+        ]
+        for m in models
+    }
     campaign = _make_campaign(job, models, prompts, answers)
-    return {"campaign_id": campaign.pk if campaign else None, "prompts": len(prompts),
-            "models": [m.name for m in models], "generation_args": args.to_dict()}
+    return {
+        "campaign_id": campaign.pk if campaign else None,
+        "prompts": len(prompts),
+        "models": [m.name for m in models],
+        "generation_args": args.to_dict(),
+    }
 
 
 def _reranker(params: dict):
@@ -106,18 +119,36 @@ def _make_campaign(job: Job, models, prompts, answers):
         existing = Campaign.objects.filter(name=name).first()
         if existing is not None:  # a redelivered job already made it
             return existing
-        campaign = Campaign.objects.create(name=name, kind=kind, created_by=job.created_by,
-                                           overlap=int(spec.get("overlap", 3)),
-                                           guidelines=spec.get("guidelines", ""))
+        campaign = Campaign.objects.create(
+            name=name,
+            kind=kind,
+            created_by=job.created_by,
+            overlap=int(spec.get("overlap", 3)),
+            guidelines=spec.get("guidelines", ""),
+        )
         if kind == SIDE_BY_SIDE:
-            rows = [{"prompt": prompts[p], "response_a": answers[models[a].pk][p],
-                     "response_b": answers[models[b].pk][p], "model_a": models[a].name,
-                     "model_b": models[b].name, "metadata": {"job": job.pk}}
-                    for p, a, b in pair_plan(len(prompts), len(models))]
+            rows = [
+                {
+                    "prompt": prompts[p],
+                    "response_a": answers[models[a].pk][p],
+                    "response_b": answers[models[b].pk][p],
+                    "model_a": models[a].name,
+                    "model_b": models[b].name,
+                    "metadata": {"job": job.pk},
+                }
+                for p, a, b in pair_plan(len(prompts), len(models))
+            ]
         else:
-            rows = [{"prompt": prompt, "response": answers[m.pk][p], "model": m.name,
-                     "metadata": {"job": job.pk}}
-                    for m in models for p, prompt in enumerate(prompts)]
+            rows = [
+                {
+                    "prompt": prompt,
+                    "response": answers[m.pk][p],
+                    "model": m.name,
+                    "metadata": {"job": job.pk},
+                }
+                for m in models
+                for p, prompt in enumerate(prompts)
+            ]
         data = "\n".join(json.dumps(r) for r in rows).encode()
         campaign_import(campaign=campaign, data=data, filename="generated.jsonl")
     return campaign

@@ -17,17 +17,26 @@ from suites.stats import Votes, bradley_terry_intervals, preference_outcome
 
 def latest_runs() -> dict[tuple[str, str], EvalRun]:
     latest = {}
-    for run in (EvalRun.objects.filter(metrics__isnull=False).select_related("model")
-                .order_by("created_at", "id")):
+    for run in (
+        EvalRun.objects.filter(metrics__isnull=False)
+        .select_related("model")
+        .order_by("created_at", "id")
+    ):
         latest[(run.model.name, run.suite)] = run  # later runs overwrite earlier ones
     return latest
 
 
 def preference_votes() -> Votes | None:
-    labels = (Label.objects.filter(campaign__kind="side_by_side")
-              .select_related("preferred")
-              .prefetch_related(Prefetch("item__responses", queryset=Response.objects.only(
-                  "item_id", "position", "model_name"))))
+    labels = (
+        Label.objects.filter(campaign__kind="side_by_side")
+        .select_related("preferred")
+        .prefetch_related(
+            Prefetch(
+                "item__responses",
+                queryset=Response.objects.only("item_id", "position", "model_name"),
+            )
+        )
+    )
     a, b, outcome = [], [], []
     for label in labels.iterator(chunk_size=2000):
         names = {r.position: r.model_name for r in label.item.responses.all()}
@@ -56,8 +65,12 @@ def leaderboard(bootstrap_rounds: int = 100) -> dict:
         bt = bradley_terry_intervals(votes, n_rounds=bootstrap_rounds, seed=0)
         ratings = {row["model"]: row for row in bt.table()}
     aspects = aspect_means()
-    names = sorted({name for name, _ in runs} | set(ratings) | set(aspects)
-                   | set(ModelVersion.objects.filter(kind="policy").values_list("name", flat=True)))
+    names = sorted(
+        {name for name, _ in runs}
+        | set(ratings)
+        | set(aspects)
+        | set(ModelVersion.objects.filter(kind="policy").values_list("name", flat=True))
+    )
     suites = sorted(REGISTRY)
     rows = []
     for name in names:
@@ -67,11 +80,21 @@ def leaderboard(bootstrap_rounds: int = 100) -> dict:
             if run is not None:
                 headline = REGISTRY[suite].headline
                 value = run.metrics.get(headline) or {}
-                scores[suite] = {"run": run.pk, "mean": value.get("mean"),
-                                 "ci_low": value.get("ci_low"), "ci_high": value.get("ci_high"),
-                                 "regressions": run.regressions}
-        rows.append({"model": name, "scores": scores, "rating": ratings.get(name),
-                     "aspects": aspects.get(name, {})})
+                scores[suite] = {
+                    "run": run.pk,
+                    "mean": value.get("mean"),
+                    "ci_low": value.get("ci_low"),
+                    "ci_high": value.get("ci_high"),
+                    "regressions": run.regressions,
+                }
+        rows.append(
+            {
+                "model": name,
+                "scores": scores,
+                "rating": ratings.get(name),
+                "aspects": aspects.get(name, {}),
+            }
+        )
     rows.sort(key=lambda r: -(r["rating"]["rating"] if r["rating"] else float("-inf")))
     return {"suites": suites, "rows": rows, "votes": 0 if votes is None else len(votes.a)}
 

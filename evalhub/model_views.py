@@ -41,9 +41,12 @@ def model_list(request):
 
 def _list_page(request, *, register, import_form, status: int = 200):
     models = ModelVersion.objects.select_related("parent")
-    return render(request, "evalhub/model_list.html",
-                  {"models": models, "register": register, "import_form": import_form},
-                  status=status)
+    return render(
+        request,
+        "evalhub/model_list.html",
+        {"models": models, "register": register, "import_form": import_form},
+        status=status,
+    )
 
 
 @require_POST
@@ -51,8 +54,9 @@ def _list_page(request, *, register, import_form, status: int = 200):
 def model_import_view(request):
     form = ImportForm(request.POST)
     if not form.is_valid():
-        return _list_page(request, register=RegisterForm(prefix="reg"), import_form=form,
-                          status=400)
+        return _list_page(
+            request, register=RegisterForm(prefix="reg"), import_form=form, status=400
+        )
     job = job_submit(kind="models.import", params=form.cleaned_data, user=request.user)
     return redirect("job_detail", job_id=job.pk)
 
@@ -60,8 +64,11 @@ def model_import_view(request):
 @researcher_required
 def model_detail(request, model_id: int):
     model = get_object_or_404(ModelVersion.objects.select_related("parent"), pk=model_id)
-    return render(request, "evalhub/model_detail.html",
-                  {"model": model, "lineage": model.lineage(), "try_form": TryForm()})
+    return render(
+        request,
+        "evalhub/model_detail.html",
+        {"model": model, "lineage": model.lineage(), "try_form": TryForm()},
+    )
 
 
 @require_POST
@@ -71,8 +78,11 @@ def model_try(request, model_id: int):
     model = get_object_or_404(ModelVersion, pk=model_id)
     form = TryForm(request.POST)
     if not form.is_valid():
-        return StreamingHttpResponse(iter([f"error: {form.errors.as_text()}"]), status=400,
-                                     content_type="text/plain; charset=utf-8")
+        return StreamingHttpResponse(
+            iter([f"error: {form.errors.as_text()}"]),
+            status=400,
+            content_type="text/plain; charset=utf-8",
+        )
     data = form.cleaned_data
     args = GenerationArgs(max_new_tokens=data["max_tokens"], temperature=data["temperature"])
 

@@ -13,12 +13,24 @@ class ModelVersion(models.Model):
 
     POLICY, REWARD, ADAPTER = "policy", "reward", "adapter"
     KIND_CHOICES = [(POLICY, "policy"), (REWARD, "reward model"), (ADAPTER, "adapter")]
-    BACKEND_CHOICES = [("builtin", "EvalHub checkpoint"), ("hf", "Hugging Face dir or GGUF"),
-                       ("openai_http", "OpenAI-compatible HTTP endpoint"),
-                       ("reward", "EvalHub reward model")]
-    IMPORTED, TRAINED, COMPRESSED, ADAPTED = "imported", "trained_from", "compressed_from", "adapter_of"
-    RELATION_CHOICES = [(IMPORTED, "imported"), (TRAINED, "trained from"),
-                        (COMPRESSED, "compressed from"), (ADAPTED, "adapter of")]
+    BACKEND_CHOICES = [
+        ("builtin", "EvalHub checkpoint"),
+        ("hf", "Hugging Face dir or GGUF"),
+        ("openai_http", "OpenAI-compatible HTTP endpoint"),
+        ("reward", "EvalHub reward model"),
+    ]
+    IMPORTED, TRAINED, COMPRESSED, ADAPTED = (
+        "imported",
+        "trained_from",
+        "compressed_from",
+        "adapter_of",
+    )
+    RELATION_CHOICES = [
+        (IMPORTED, "imported"),
+        (TRAINED, "trained from"),
+        (COMPRESSED, "compressed from"),
+        (ADAPTED, "adapter of"),
+    ]
 
     name = models.SlugField(max_length=100, unique=True)
     kind = models.CharField(max_length=10, choices=KIND_CHOICES, default=POLICY)
@@ -31,12 +43,14 @@ class ModelVersion(models.Model):
     bits_per_weight = models.FloatField(null=True, blank=True)
     info = models.JSONField(default=dict, blank=True, help_text="config and provenance")
     relation = models.CharField(max_length=16, choices=RELATION_CHOICES, blank=True)
-    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT,
-                               related_name="children")
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
     source = models.CharField(max_length=1000, blank=True, help_text="imported from")
     tracked = models.BooleanField(default=False, help_text="evaluated by the nightly jobs")
-    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True,
-                                   on_delete=models.SET_NULL, related_name="+")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -61,8 +75,9 @@ class EvalRun(models.Model):
     model = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="runs")
     suite = models.CharField(max_length=50, db_index=True)
     settings = models.JSONField(default=dict, blank=True)  # limit, batch_size, seed
-    job = models.OneToOneField(Job, null=True, blank=True, on_delete=models.SET_NULL,
-                               related_name="eval_run")
+    job = models.OneToOneField(
+        Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="eval_run"
+    )
     metrics = models.JSONField(null=True, blank=True)  # aggregates with 95% intervals
     manifest = models.JSONField(default=dict, blank=True)  # everything needed to reproduce it
     nightly = models.BooleanField(default=False)
@@ -89,5 +104,6 @@ class EvalSample(models.Model):
 
     class Meta:
         ordering = ["id"]
-        constraints = [models.UniqueConstraint(fields=["run", "example_id"],
-                                               name="uniq_eval_sample")]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "example_id"], name="uniq_eval_sample")
+        ]

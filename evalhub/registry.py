@@ -41,12 +41,16 @@ def checkpoint_stats(path: Path) -> dict:
                 count *= dim
             n += count
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return {"n_params": n, "size_bytes": size,
-            "bits_per_weight": round(weights.stat().st_size * 8 / n, 3) if n else None}
+    return {
+        "n_params": n,
+        "size_bytes": size,
+        "bits_per_weight": round(weights.stat().st_size * 8 / n, 3) if n else None,
+    }
 
 
-def model_import(*, src: str | Path, name: str, user=None, progress: bool = False,
-                 description: str = "") -> ModelVersion:
+def model_import(
+    *, src: str | Path, name: str, user=None, progress: bool = False, description: str = ""
+) -> ModelVersion:
     """Import a GGUF file or Hugging Face directory as an EvalHub checkpoint and register it."""
     from models.checkpoint import import_checkpoint, read_config
 
@@ -61,9 +65,16 @@ def model_import(*, src: str | Path, name: str, user=None, progress: bool = Fals
     _, meta = read_config(dst)
     with transaction.atomic():
         return ModelVersion.objects.create(
-            name=name, backend="builtin", location=str(dst), relation=ModelVersion.IMPORTED,
-            source=str(src), info={"config": meta.get("model"), "provenance": meta.get("provenance")},
-            created_by=user, description=description, **checkpoint_stats(dst))
+            name=name,
+            backend="builtin",
+            location=str(dst),
+            relation=ModelVersion.IMPORTED,
+            source=str(src),
+            info={"config": meta.get("model"), "provenance": meta.get("provenance")},
+            created_by=user,
+            description=description,
+            **checkpoint_stats(dst),
+        )
 
 
 def backend_for(model: ModelVersion) -> Backend:

@@ -28,8 +28,9 @@ def train_reward_job(job: Job) -> dict:
         raise JobError("give 'campaign_ids' or a 'jsonl' path of preference pairs")
     if len(prefs) < 10:
         raise JobError(f"only {len(prefs)} preference pairs; at least 10 are needed")
-    train, held_out = split_by_prompt(prefs, held_out=float(p.get("held_out", 0.2)),
-                                      seed=int(p.get("seed", 0)))
+    train, held_out = split_by_prompt(
+        prefs, held_out=float(p.get("held_out", 0.2)), seed=int(p.get("seed", 0))
+    )
     parent = None
     if p.get("backbone_model"):
         parent = ModelVersion.objects.get(pk=p["backbone_model"])
@@ -46,26 +47,49 @@ def train_reward_job(job: Job) -> dict:
             job.report(step / max(total, 1), f"step {step}/{total} loss {loss:.4f}")
 
     model, report = train_reward_model(
-        train, held_out, backbone, loss=p.get("loss", "soft"), epochs=int(p.get("epochs", 3)),
+        train,
+        held_out,
+        backbone,
+        loss=p.get("loss", "soft"),
+        epochs=int(p.get("epochs", 3)),
         lr=float(p["lr"]) if p.get("lr") is not None else None,  # None: by backbone
         batch_size=int(p.get("batch_size", 32)),
-        aspect_weight=float(p.get("aspect_weight", 0.1)), seed=int(p.get("seed", 0)),
-        progress=progress)
+        aspect_weight=float(p.get("aspect_weight", 0.1)),
+        seed=int(p.get("seed", 0)),
+        progress=progress,
+    )
     metrics = evaluate_reward_model(model, held_out) if held_out else {}
     name = p.get("name") or f"reward-job{job.pk}"
     path = Path(settings.MEDIA_ROOT) / "checkpoints" / name
     save_reward_model(model, path, report)
     with transaction.atomic():
-        version, _ = ModelVersion.objects.update_or_create(name=name, defaults=dict(
-            kind=ModelVersion.REWARD, backend="reward", location=str(path),
-            relation=ModelVersion.TRAINED if parent else "", parent=parent,
-            created_by=job.created_by,
-            info={"metrics": metrics, "labels_hash": labels_hash(prefs), "n_train": len(train),
-                  "n_held_out": len(held_out), "soft_targets": model.soft_targets,
-                  "loss": report.loss, "campaign_ids": p.get("campaign_ids", []),
-                  "backbone": backbone.reference()}))
-    return {"model_id": version.pk, "name": name, "metrics": metrics,
-            "labels_hash": version.info["labels_hash"]}
+        version, _ = ModelVersion.objects.update_or_create(
+            name=name,
+            defaults=dict(
+                kind=ModelVersion.REWARD,
+                backend="reward",
+                location=str(path),
+                relation=ModelVersion.TRAINED if parent else "",
+                parent=parent,
+                created_by=job.created_by,
+                info={
+                    "metrics": metrics,
+                    "labels_hash": labels_hash(prefs),
+                    "n_train": len(train),
+                    "n_held_out": len(held_out),
+                    "soft_targets": model.soft_targets,
+                    "loss": report.loss,
+                    "campaign_ids": p.get("campaign_ids", []),
+                    "backbone": backbone.reference(),
+                },
+            ),
+        )
+    return {
+        "model_id": version.pk,
+        "name": name,
+        "metrics": metrics,
+        "labels_hash": version.info["labels_hash"],
+    }
 
 
 def reward_model_for(version: ModelVersion):
@@ -74,5 +98,6 @@ def reward_model_for(version: ModelVersion):
 
     if version.kind != ModelVersion.REWARD:
         raise ValueError(f"{version.name} is not a reward model")
-    return LOADED.get(("reward", version.pk, version.location),
-                      lambda: load_reward_model(version.location))
+    return LOADED.get(
+        ("reward", version.pk, version.location), lambda: load_reward_model(version.location)
+    )

@@ -19,14 +19,18 @@ class RunForm(forms.Form):
     suite = forms.ChoiceField(choices=[(s, s) for s in sorted(REGISTRY)])
     limit = forms.IntegerField(min_value=1, required=False)
     batch_size = forms.IntegerField(min_value=1, max_value=256, initial=8)
-    shards = forms.IntegerField(min_value=1, max_value=64, initial=1,
-                                help_text="split across this many workers")
+    shards = forms.IntegerField(
+        min_value=1, max_value=64, initial=1, help_text="split across this many workers"
+    )
 
 
 @researcher_required
 def leaderboard(request):
-    return render(request, "evalhub/leaderboard.html",
-                  {"board": board.leaderboard(), "flags": board.regression_flags()})
+    return render(
+        request,
+        "evalhub/leaderboard.html",
+        {"board": board.leaderboard(), "flags": board.regression_flags()},
+    )
 
 
 @api_role_required("researcher")
@@ -44,9 +48,14 @@ def run_list(request):
     form = RunForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
-        run = eval_submit(model=data["model"], suite=data["suite"], limit=data["limit"],
-                          batch_size=data["batch_size"], shards=data["shards"],
-                          user=request.user)
+        run = eval_submit(
+            model=data["model"],
+            suite=data["suite"],
+            limit=data["limit"],
+            batch_size=data["batch_size"],
+            shards=data["shards"],
+            user=request.user,
+        )
         return redirect("run_detail", run_id=run.pk)
     runs = EvalRun.objects.select_related("model", "job")[:100]
     return render(request, "evalhub/run_list.html", {"runs": runs, "form": form})
@@ -63,15 +72,29 @@ def run_detail(request, run_id: int):
     if request.GET.get("category"):
         samples = samples.filter(category=request.GET["category"])
     if detail_filter and request.GET.get("detail"):
-        samples = samples.filter(**{f"details__{detail_filter.key}__contains":
-                                    [request.GET["detail"]]})
+        samples = samples.filter(
+            **{f"details__{detail_filter.key}__contains": [request.GET["detail"]]}
+        )
     page = Paginator(samples, 25).get_page(request.GET.get("page"))
-    categories = (run.samples.exclude(category="").values_list("category", flat=True)
-                  .distinct().order_by("category"))
+    categories = (
+        run.samples.exclude(category="")
+        .values_list("category", flat=True)
+        .distinct()
+        .order_by("category")
+    )
     others = EvalRun.objects.filter(suite=run.suite, metrics__isnull=False).exclude(pk=run.pk)
-    return render(request, "evalhub/run_detail.html", {
-        "run": run, "page": page, "categories": categories, "others": others[:50],
-        "detail_filter": detail_filter, "headline": suite.headline if suite else ""})
+    return render(
+        request,
+        "evalhub/run_detail.html",
+        {
+            "run": run,
+            "page": page,
+            "categories": categories,
+            "others": others[:50],
+            "detail_filter": detail_filter,
+            "headline": suite.headline if suite else "",
+        },
+    )
 
 
 @researcher_required
@@ -87,10 +110,12 @@ def run_compare(request):
     try:
         result = compare_runs(a, b, metric)
     except ValueError as exc:
-        return render(request, "evalhub/run_compare.html", {"error": str(exc), "a": a, "b": b},
-                      status=400)
-    return render(request, "evalhub/run_compare.html",
-                  {"a": a, "b": b, "metric": metric, "result": result})
+        return render(
+            request, "evalhub/run_compare.html", {"error": str(exc), "a": a, "b": b}, status=400
+        )
+    return render(
+        request, "evalhub/run_compare.html", {"a": a, "b": b, "metric": metric, "result": result}
+    )
 
 
 @require_POST
@@ -117,8 +142,12 @@ def reward_score(request, name: str):
     try:
         body = json.loads(request.body or b"{}")
         prompt, responses = body["prompt"], body["responses"]
-        if not (isinstance(prompt, str) and isinstance(responses, list) and responses
-                and all(isinstance(r, str) for r in responses)):
+        if not (
+            isinstance(prompt, str)
+            and isinstance(responses, list)
+            and responses
+            and all(isinstance(r, str) for r in responses)
+        ):
             raise ValueError("'prompt' must be text and 'responses' a non-empty list of text")
     except (ValueError, KeyError, TypeError) as exc:
         return JsonResponse({"error": f"malformed request: {exc}"}, status=400)

@@ -28,8 +28,9 @@ class BadRequest(Exception):
 
 
 def _error(message: str, status: int, kind: str = "invalid_request_error") -> JsonResponse:
-    return JsonResponse({"error": {"message": message, "type": kind, "code": status}},
-                        status=status)
+    return JsonResponse(
+        {"error": {"message": message, "type": kind, "code": status}}, status=status
+    )
 
 
 def openai_endpoint(view):
@@ -39,11 +40,17 @@ def openai_endpoint(view):
     @wraps(view)
     def wrapper(request, *args, **kwargs):
         header = request.headers.get("Authorization", "")
-        user = ApiToken.objects.authenticate(header.removeprefix("Bearer ").strip()) \
-            if header.startswith("Bearer ") else None
+        user = (
+            ApiToken.objects.authenticate(header.removeprefix("Bearer ").strip())
+            if header.startswith("Bearer ")
+            else None
+        )
         if user is None:
-            return _error("a valid API token is required (Authorization: Bearer …)", 401,
-                          "authentication_error")
+            return _error(
+                "a valid API token is required (Authorization: Bearer …)",
+                401,
+                "authentication_error",
+            )
         if not has_role(user, RESEARCHER):
             return _error("this token's user may not use models", 403, "permission_error")
         try:
@@ -56,8 +63,7 @@ def openai_endpoint(view):
         except BadRequest as exc:
             return _error(str(exc), 400)
         except ModelVersion.DoesNotExist:
-            return _error(f"the model {body.get('model')!r} does not exist", 404,
-                          "not_found_error")
+            return _error(f"the model {body.get('model')!r} does not exist", 404, "not_found_error")
         except BackendError as exc:
             return _error(f"the model failed: {exc}", 502, "server_error")
 
@@ -66,8 +72,15 @@ def openai_endpoint(view):
 
 @openai_endpoint
 def list_models(request, body):
-    data = [{"id": m.name, "object": "model", "created": int(m.created_at.timestamp()),
-             "owned_by": "evalhub"} for m in ModelVersion.objects.filter(kind="policy")]
+    data = [
+        {
+            "id": m.name,
+            "object": "model",
+            "created": int(m.created_at.timestamp()),
+            "owned_by": "evalhub",
+        }
+        for m in ModelVersion.objects.filter(kind="policy")
+    ]
     return JsonResponse({"object": "list", "data": data})
 
 
@@ -78,10 +91,13 @@ def _args(body: dict) -> GenerationArgs:
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
     try:
-        args = GenerationArgs(max_new_tokens=int(max_tokens),
-                              temperature=float(body.get("temperature", 1.0)),
-                              top_p=float(body.get("top_p", 1.0)), stop=stop,
-                              seed=int(body.get("seed") or 0))
+        args = GenerationArgs(
+            max_new_tokens=int(max_tokens),
+            temperature=float(body.get("temperature", 1.0)),
+            top_p=float(body.get("top_p", 1.0)),
+            stop=stop,
+            seed=int(body.get("seed") or 0),
+        )
     except (TypeError, ValueError) as exc:
         raise BadRequest(f"invalid sampling parameters: {exc}") from None
     if args.max_new_tokens > MAX_TOKENS_LIMIT:
@@ -99,9 +115,16 @@ def _model(body: dict) -> ModelVersion:
 def chat_completions(request, body):
     model = _model(body)
     messages = body.get("messages")
-    if not (isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and
-            m.get("role") in ("system", "user", "assistant") for m in messages)):
+    if not (
+        isinstance(messages, list)
+        and messages
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("content"), str)
+            and m.get("role") in ("system", "user", "assistant")
+            for m in messages
+        )
+    ):
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
     args, backend = _args(body), backend_for(model)
     prompt = backend.chat_format([{"role": m["role"], "content": m["content"]} for m in messages])
@@ -125,8 +148,10 @@ def completions(request, body):
         return _stream(backend, prompts[0], args, model.name, chat=False)
     texts = backend.generate(prompts, args)
     response = _completion(model.name, texts[0], prompts[0], args, backend, chat=False)
-    response["choices"] = [{"index": i, "text": t, "finish_reason": "stop", "logprobs": None}
-                           for i, t in enumerate(texts)]
+    response["choices"] = [
+        {"index": i, "text": t, "finish_reason": "stop", "logprobs": None}
+        for i, t in enumerate(texts)
+    ]
     return JsonResponse(response)
 
 
@@ -138,14 +163,23 @@ def _count(backend, text: str) -> int:
 def _completion(name, text, prompt, args, backend, *, chat: bool) -> dict:
     used, prompt_tokens = _count(backend, text), _count(backend, prompt)
     finish = "length" if used >= args.max_new_tokens else "stop"
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-               "finish_reason": finish} if chat else
-              {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": name, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used,
-                      "total_tokens": prompt_tokens + used}}
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        if chat
+        else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    )
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": used,
+            "total_tokens": prompt_tokens + used,
+        },
+    }
 
 
 def _stream(backend, prompt: str, args: GenerationArgs, name: str, *, chat: bool):
@@ -154,13 +188,21 @@ def _stream(backend, prompt: str, args: GenerationArgs, name: str, *, chat: bool
 
     def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
         if chat:
-            body = {"role": "assistant", "content": delta} if first else (
-                {"content": delta} if delta is not None else {})
+            body = (
+                {"role": "assistant", "content": delta}
+                if first
+                else ({"content": delta} if delta is not None else {})
+            )
             choice = {"index": 0, "delta": body, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        data = {"id": ident, "object": kind, "created": int(time.time()), "model": name,
-                "choices": [choice]}
+        data = {
+            "id": ident,
+            "object": kind,
+            "created": int(time.time()),
+            "model": name,
+            "choices": [choice],
+        }
         return f"data: {json.dumps(data)}\n\n"
 
     def events():

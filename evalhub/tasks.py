@@ -16,11 +16,7 @@ from core.models import Job, JobCancelled
 
 def count_primes(lo: int, hi: int) -> int:
     """Primes in [lo, hi) by trial division: deliberately CPU-bound work for the demo job."""
-    return sum(
-        1
-        for n in range(max(lo, 2), hi)
-        if all(n % d for d in range(2, math.isqrt(n) + 1))
-    )
+    return sum(1 for n in range(max(lo, 2), hi) if all(n % d for d in range(2, math.isqrt(n) + 1)))
 
 
 @job_task(kind="demo")
@@ -68,8 +64,12 @@ def import_model(job: Job) -> dict:
     from evalhub.registry import model_import
 
     job.report(0.05, f"importing {job.params['src']}")
-    model = model_import(src=job.params["src"], name=job.params["name"], user=job.created_by,
-                         description=job.params.get("description", ""))
+    model = model_import(
+        src=job.params["src"],
+        name=job.params["name"],
+        user=job.created_by,
+        description=job.params.get("description", ""),
+    )
     return {"model_id": model.pk, "name": model.name, "n_params": model.n_params}
 
 
@@ -91,14 +91,21 @@ def evaluate(job: Job) -> dict:
     if n == 1:
         return evaluate_run(run, job)
     for k in range(n):
-        transaction.on_commit(lambda k=k: eval_shard.apply_async(args=[run.pk, k, n],
-                                                                 queue="models"))
+        transaction.on_commit(
+            lambda k=k: eval_shard.apply_async(args=[run.pk, k, n], queue="models")
+        )
     job.report(0.0, f"split into {n} shards")
     return DEFERRED
 
 
-@shared_task(name="evalhub.eval_shard", acks_late=True, reject_on_worker_lost=True,
-             soft_time_limit=8 * 3600, time_limit=8 * 3600 + 120, ignore_result=True)
+@shared_task(
+    name="evalhub.eval_shard",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=8 * 3600,
+    time_limit=8 * 3600 + 120,
+    ignore_result=True,
+)
 def eval_shard(run_id: int, k: int, n: int) -> None:
     """One shard of a split eval run; idempotent (stored samples are skipped)."""
     from evalhub.evaluation import evaluate_run

@@ -115,8 +115,9 @@ def healthz(request):
     checks = {"database": _check_database(), "broker": _check_broker()}
     ok = all(value == "ok" for value in checks.values())
     down = [name for name, value in checks.items() if value != "ok"]
-    return JsonResponse({"status": "ok" if ok else "down", "down": down, **checks},
-                        status=200 if ok else 503)
+    return JsonResponse(
+        {"status": "ok" if ok else "down", "down": down, **checks}, status=200 if ok else 503
+    )
 
 
 def _check_database() -> str:

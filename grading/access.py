@@ -67,7 +67,10 @@ def access_assignment_for_rater(user, assignment_id: int) -> Assignment:
         raise Http404("no such task")
     values = iter(row)
     assignment = rows.instance(Assignment, values)
-    assignment.item, assignment.campaign = rows.instance(Item, values), rows.instance(Campaign, values)
+    assignment.item, assignment.campaign = (
+        rows.instance(Item, values),
+        rows.instance(Campaign, values),
+    )
     return assignment
 
 

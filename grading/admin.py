@@ -5,8 +5,15 @@ from grading.models import Assignment, Campaign, Item, Label, Response
 
 @admin.register(Campaign)
 class CampaignAdmin(admin.ModelAdmin):
-    list_display = ("name", "kind", "status", "overlap", "gold_rate", "quota_per_rater",
-                    "created_at")
+    list_display = (
+        "name",
+        "kind",
+        "status",
+        "overlap",
+        "gold_rate",
+        "quota_per_rater",
+        "created_at",
+    )
     list_filter = ("kind", "status")
     search_fields = ("name",)
     filter_horizontal = ("raters",)
@@ -36,8 +43,17 @@ class AssignmentAdmin(admin.ModelAdmin):
 
 @admin.register(Label)
 class LabelAdmin(admin.ModelAdmin):
-    list_display = ("id", "campaign", "item", "rater", "level", "unsafe", "late", "gold_correct",
-                    "created_at")
+    list_display = (
+        "id",
+        "campaign",
+        "item",
+        "rater",
+        "level",
+        "unsafe",
+        "late",
+        "gold_correct",
+        "created_at",
+    )
     list_filter = ("campaign", "level", "unsafe", "late", "gold_correct")
     raw_id_fields = ("item", "assignment", "preferred")
     list_select_related = ("campaign", "rater")

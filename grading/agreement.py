@@ -181,7 +181,7 @@ def majority_agreement(
     n = np.bincount(rater, weights=judged, minlength=len(rater_ids))
     k = np.bincount(rater, weights=agrees & judged, minlength=len(rater_ids))
     with np.errstate(invalid="ignore"):
-        return dict(zip(rater_ids, (k / n).tolist()))
+        return dict(zip(rater_ids, (k / n).tolist(), strict=True))
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ def rater_stats(
     majority = majority or {}
     return {
         rid: _stats_of(seconds[g], left[g], gold[g], majority.get(rid, math.nan))
-        for rid, g in zip(rater_ids, groups)
+        for rid, g in zip(rater_ids, groups, strict=True)
     }
 
 
@@ -267,9 +267,8 @@ def _reasons(s: RaterStats, t: Thresholds) -> list[str]:
     reasons = []
     if s.gold_n and s.gold_accuracy < t.min_gold_accuracy:
         items = "item" if s.gold_n == 1 else "items"
-        reasons.append(
-            f"gold accuracy {s.gold_accuracy:.0%} < {t.min_gold_accuracy:.0%} ({s.gold_n} gold {items})"
-        )
+        accuracy = f"{s.gold_accuracy:.0%} < {t.min_gold_accuracy:.0%}"
+        reasons.append(f"gold accuracy {accuracy} ({s.gold_n} gold {items})")
     if s.majority_agreement < t.min_majority_agreement:
         reasons.append(
             f"majority agreement {s.majority_agreement:.0%} < {t.min_majority_agreement:.0%}"

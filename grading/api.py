@@ -11,8 +11,13 @@ from django.views.decorators.http import require_POST
 
 from core.access import RATER, api_role_required
 from grading import access
-from grading.services import (GradingError, LeaseLost, assignment_claim, assignment_skip,
-                              assignment_submit)
+from grading.services import (
+    GradingError,
+    LeaseLost,
+    assignment_claim,
+    assignment_skip,
+    assignment_submit,
+)
 
 
 def _body(request) -> dict:
@@ -43,8 +48,12 @@ def next_task(request, campaign_id: int):
         return JsonResponse({"task": None})
     texts = {r.position: r.text for r in assignment.item.responses.all()}
     left = assignment.left_position
-    task = {"id": assignment.pk, "prompt": assignment.item.prompt, "kind": campaign.kind,
-            "expires_at": assignment.expires_at.isoformat()}
+    task = {
+        "id": assignment.pk,
+        "prompt": assignment.item.prompt,
+        "kind": campaign.kind,
+        "expires_at": assignment.expires_at.isoformat(),
+    }
     if campaign.is_side_by_side:
         task.update(left=texts[left], right=texts[1 - left])
     else:

@@ -34,9 +34,23 @@ def export_rows(campaign: Campaign, progress=None) -> list[dict]:
     response as uploaded, with ``tie`` true), level; single-sided: prompt, completion, aspects."""
     labels = Label.objects.filter(campaign=campaign).order_by("id")
     total = labels.count()
-    values = labels.values("id", "item_id", "item__prompt", "item__external_id", "rater_id",
-                           "rater__username", "preferred_id", "level", "scores", "unsafe",
-                           "comment", "seconds", "late", "gold_correct", "created_at")
+    values = labels.values(
+        "id",
+        "item_id",
+        "item__prompt",
+        "item__external_id",
+        "rater_id",
+        "rater__username",
+        "preferred_id",
+        "level",
+        "scores",
+        "unsafe",
+        "comment",
+        "seconds",
+        "late",
+        "gold_correct",
+        "created_at",
+    )
     rows, batch = [], []
     for label in values.iterator(chunk_size=CHUNK):
         batch.append(label)
@@ -56,11 +70,16 @@ def preferences_from_campaigns(campaign_ids: list[int]) -> list[Preference]:
     prefs = []
     for campaign in Campaign.objects.filter(pk__in=campaign_ids, kind="side_by_side"):
         for row in export_rows(campaign):
-            prefs.append(Preference(
-                prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"],
-                level=row["level"],
-                chosen_aspects=grades.get((row["prompt"], row["chosen"]), {}),
-                rejected_aspects=grades.get((row["prompt"], row["rejected"]), {})))
+            prefs.append(
+                Preference(
+                    prompt=row["prompt"],
+                    chosen=row["chosen"],
+                    rejected=row["rejected"],
+                    level=row["level"],
+                    chosen_aspects=grades.get((row["prompt"], row["chosen"]), {}),
+                    rejected_aspects=grades.get((row["prompt"], row["rejected"]), {}),
+                )
+            )
     return prefs
 
 
@@ -76,21 +95,41 @@ def _rows(campaign: Campaign, labels: list[dict]) -> list[dict]:
 
 
 def _row(campaign: Campaign, label: dict, responses: list[dict]) -> dict:
-    common = {"prompt": label["item__prompt"], "item_id": label["item_id"],
-              "external_id": label["item__external_id"], "rater_id": label["rater_id"],
-              "rater": label["rater__username"], "label_id": label["id"],
-              "seconds": label["seconds"], "late": label["late"],
-              "gold_correct": label["gold_correct"], "created_at": label["created_at"].isoformat()}
+    common = {
+        "prompt": label["item__prompt"],
+        "item_id": label["item_id"],
+        "external_id": label["item__external_id"],
+        "rater_id": label["rater_id"],
+        "rater": label["rater__username"],
+        "label_id": label["id"],
+        "seconds": label["seconds"],
+        "late": label["late"],
+        "gold_correct": label["gold_correct"],
+        "created_at": label["created_at"].isoformat(),
+    }
     if not campaign.is_side_by_side:
         r = responses[0]
-        return {**common, "completion": r["text"], "model": r["model_name"],
-                "aspects": label["scores"], "unsafe": label["unsafe"], "comment": label["comment"]}
+        return {
+            **common,
+            "completion": r["text"],
+            "model": r["model_name"],
+            "aspects": label["scores"],
+            "unsafe": label["unsafe"],
+            "comment": label["comment"],
+        }
     tie = label["preferred_id"] is None
     chosen = responses[0] if tie else next(r for r in responses if r["id"] == label["preferred_id"])
     rejected = next(r for r in responses if r["id"] != chosen["id"])
-    return {**common, "chosen": chosen["text"], "rejected": rejected["text"],
-            "chosen_model": chosen["model_name"], "rejected_model": rejected["model_name"],
-            "level": label["level"], "tie": tie, "aspects": label["scores"] or {}}
+    return {
+        **common,
+        "chosen": chosen["text"],
+        "rejected": rejected["text"],
+        "chosen_model": chosen["model_name"],
+        "rejected_model": rejected["model_name"],
+        "level": label["level"],
+        "tie": tie,
+        "aspects": label["scores"] or {},
+    }
 
 
 def _write(rows: list[dict], path: Path, fmt: str) -> None:

@@ -12,8 +12,18 @@ class CampaignForm(forms.ModelForm):
 
     class Meta:
         model = Campaign
-        fields = ["name", "kind", "guidelines", "overlap", "gold_rate", "lease_seconds",
-                  "quota_per_rater", "aspects", "thresholds", "status"]
+        fields = [
+            "name",
+            "kind",
+            "guidelines",
+            "overlap",
+            "gold_rate",
+            "lease_seconds",
+            "quota_per_rater",
+            "aspects",
+            "thresholds",
+            "status",
+        ]
         widgets = {"guidelines": forms.Textarea(attrs={"rows": 6})}
 
     def clean_overlap(self):
@@ -40,10 +50,15 @@ class CampaignForm(forms.ModelForm):
             raise forms.ValidationError("aspects must be a list")
         keys = set()
         for aspect in aspects:
-            if not (isinstance(aspect, dict) and isinstance(aspect.get("key"), str)
-                    and aspect["key"].isidentifier() and isinstance(aspect.get("name"), str)):
+            if not (
+                isinstance(aspect, dict)
+                and isinstance(aspect.get("key"), str)
+                and aspect["key"].isidentifier()
+                and isinstance(aspect.get("name"), str)
+            ):
                 raise forms.ValidationError(
-                    f"each aspect needs a 'key' (an identifier) and a 'name': {json.dumps(aspect)}")
+                    f"each aspect needs a 'key' (an identifier) and a 'name': {json.dumps(aspect)}"
+                )
             if aspect["key"] in keys:
                 raise forms.ValidationError(f"aspect {aspect['key']!r} appears twice")
             keys.add(aspect["key"])
@@ -64,5 +79,10 @@ class UploadForm(forms.Form):
 
 
 class ExportForm(forms.Form):
-    format = forms.ChoiceField(choices=[("jsonl", "JSONL (TRL / OpenRLHF preference schema)"),
-                                        ("csv", "CSV"), ("parquet", "Parquet")])
+    format = forms.ChoiceField(
+        choices=[
+            ("jsonl", "JSONL (TRL / OpenRLHF preference schema)"),
+            ("csv", "CSV"),
+            ("parquet", "Parquet"),
+        ]
+    )

@@ -71,9 +71,13 @@ def default_aspects():
 
 
 def default_thresholds():
-    return {"min_gold_accuracy": 0.7, "min_majority_agreement": 0.5,
-            "max_left_pick_deviation": 0.15, "min_median_seconds": 3.0,
-            "min_labels_for_flags": 10}
+    return {
+        "min_gold_accuracy": 0.7,
+        "min_majority_agreement": 0.5,
+        "max_left_pick_deviation": 0.15,
+        "min_median_seconds": 3.0,
+        "min_labels_for_flags": 10,
+    }
 
 
 class Campaign(models.Model):
@@ -92,11 +96,16 @@ class Campaign(models.Model):
     quota_per_rater = models.PositiveIntegerField(null=True, blank=True)
     thresholds = models.JSONField(default=default_thresholds, blank=True)
     raters = models.ManyToManyField(
-        settings.AUTH_USER_MODEL, blank=True, related_name="grading_campaigns",
+        settings.AUTH_USER_MODEL,
+        blank=True,
+        related_name="grading_campaigns",
         help_text="raters who may work on it; empty means every rater",
     )
     created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
         related_name="+",
     )
     created_at = models.DateTimeField(default=timezone.now)
@@ -175,11 +184,16 @@ class Assignment(models.Model):
 
     # No single-column indexes on item and rater: the (item, rater) constraint and
     # assignment_rater_idx lead with them, and every index costs a write per claim and submit.
-    item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="assignments",
-                             db_index=False)
+    item = models.ForeignKey(
+        Item, on_delete=models.CASCADE, related_name="assignments", db_index=False
+    )
     campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="+")
-    rater = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
-                              related_name="grading_assignments", db_index=False)
+    rater = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="grading_assignments",
+        db_index=False,
+    )
     status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=LEASED)
     left_position = models.PositiveSmallIntegerField(default=0)  # response shown on the left
     leased_at = models.DateTimeField(default=timezone.now)
@@ -196,8 +210,11 @@ class Assignment(models.Model):
         ]
         indexes = [
             models.Index(fields=["rater", "campaign", "status"], name="assignment_rater_idx"),
-            models.Index(fields=["status", "expires_at"], name="assignment_expiry_idx",
-                         condition=Q(status="leased")),
+            models.Index(
+                fields=["status", "expires_at"],
+                name="assignment_expiry_idx",
+                condition=Q(status="leased"),
+            ),
         ]
 
 
@@ -205,7 +222,8 @@ class LabelQuerySet(models.QuerySet):
     def single_sided_scores(self):
         """(prompt, response text, model name, scores) of every single-sided label."""
         return self.filter(campaign__kind=SINGLE_SIDED).values_list(
-            "item__prompt", "item__responses__text", "item__responses__model_name", "scores")
+            "item__prompt", "item__responses__text", "item__responses__model_name", "scores"
+        )
 
 
 class Label(models.Model):
@@ -217,12 +235,15 @@ class Label(models.Model):
     assignment = models.OneToOneField(Assignment, on_delete=models.CASCADE, related_name="label")
     item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="labels")
     # label_campaign_rater_idx leads with the campaign.
-    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="labels",
-                                 db_index=False)
-    rater = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
-                              related_name="grading_labels")
-    preferred = models.ForeignKey(Response, null=True, blank=True, on_delete=models.CASCADE,
-                                  related_name="+")
+    campaign = models.ForeignKey(
+        Campaign, on_delete=models.CASCADE, related_name="labels", db_index=False
+    )
+    rater = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="grading_labels"
+    )
+    preferred = models.ForeignKey(
+        Response, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
     level = models.CharField(max_length=24, choices=LEVEL_CHOICES, blank=True)
     picked_left = models.BooleanField(null=True)  # side-by-side non-ties: position-bias figure
     scores = models.JSONField(default=dict, blank=True)

@@ -12,10 +12,14 @@ from grading.models import Assignment, Campaign, Item, Label
 
 
 def rater_progress(user, campaigns) -> list[dict]:
-    done = dict(Label.objects.filter(rater=user, campaign__in=campaigns)
-                .values_list("campaign").annotate(n=Count("id")))
-    return [{"campaign": c, "done": done.get(c.pk, 0), "quota": c.quota_per_rater}
-            for c in campaigns]
+    done = dict(
+        Label.objects.filter(rater=user, campaign__in=campaigns)
+        .values_list("campaign")
+        .annotate(n=Count("id"))
+    )
+    return [
+        {"campaign": c, "done": done.get(c.pk, 0), "quota": c.quota_per_rater} for c in campaigns
+    ]
 
 
 def rater_progress_one(user, campaign: Campaign) -> dict:
@@ -25,28 +29,53 @@ def rater_progress_one(user, campaign: Campaign) -> dict:
 def campaign_report(campaign: Campaign) -> dict:
     regular = Q(is_gold=False)
     totals = Item.objects.filter(campaign=campaign).aggregate(
-        n=Count("id", filter=regular), gold=Count("id", filter=~regular),
-        complete=Count("id", filter=regular & Q(labelled__gte=campaign.overlap)))
-    labels = list(Label.objects.filter(campaign=campaign).values(
-        "item_id", "rater_id", "rater__username", "preferred__position", "level", "scores",
-        "seconds", "picked_left", "gold_correct", "item__is_gold"))
+        n=Count("id", filter=regular),
+        gold=Count("id", filter=~regular),
+        complete=Count("id", filter=regular & Q(labelled__gte=campaign.overlap)),
+    )
+    labels = list(
+        Label.objects.filter(campaign=campaign).values(
+            "item_id",
+            "rater_id",
+            "rater__username",
+            "preferred__position",
+            "level",
+            "scores",
+            "seconds",
+            "picked_left",
+            "gold_correct",
+            "item__is_gold",
+        )
+    )
     names = {row["rater_id"]: row["rater__username"] for row in labels}
-    records = [agreement.LabelRecord(rater_id=r["rater_id"], seconds=r["seconds"],
-                                     picked_left=r["picked_left"], gold_correct=r["gold_correct"])
-               for r in labels]
+    records = [
+        agreement.LabelRecord(
+            rater_id=r["rater_id"],
+            seconds=r["seconds"],
+            picked_left=r["picked_left"],
+            gold_correct=r["gold_correct"],
+        )
+        for r in labels
+    ]
     regular = [r for r in labels if not r["item__is_gold"]]
     figures, majority = _agreement_figures(campaign, regular)
     stats = agreement.rater_stats(records, majority=majority)
     thresholds = agreement.Thresholds(**campaign.thresholds)
     flags = agreement.flag_raters(stats, thresholds)
-    raters = [{"id": rid, "name": names[rid], "stats": s, "flags": flags.get(rid, [])}
-              for rid, s in sorted(stats.items(), key=lambda kv: names[kv[0]])]
-    return {"items": totals["n"], "complete": totals["complete"], "labels": len(labels),
-            "gold_items": totals["gold"],
-            "live_leases": Assignment.objects.filter(campaign=campaign).live().count(),
-            "skips": Assignment.objects.filter(campaign=campaign,
-                                               status=Assignment.SKIPPED).count(),
-            "raters": raters, **figures}
+    raters = [
+        {"id": rid, "name": names[rid], "stats": s, "flags": flags.get(rid, [])}
+        for rid, s in sorted(stats.items(), key=lambda kv: names[kv[0]])
+    ]
+    return {
+        "items": totals["n"],
+        "complete": totals["complete"],
+        "labels": len(labels),
+        "gold_items": totals["gold"],
+        "live_leases": Assignment.objects.filter(campaign=campaign).live().count(),
+        "skips": Assignment.objects.filter(campaign=campaign, status=Assignment.SKIPPED).count(),
+        "raters": raters,
+        **figures,
+    }
 
 
 def _agreement_figures(campaign: Campaign, labels: list[dict]) -> tuple[dict, dict]:
@@ -61,17 +90,20 @@ def _agreement_figures(campaign: Campaign, labels: list[dict]) -> tuple[dict, di
         units = list(by_item.values())
         categories = ["A", "B", "tie"]
         counts = [[unit.count(c) for c in categories] for unit in units if len(unit) >= 2]
-        return {"pairwise_agreement": agreement.pairwise_agreement_rate(units),
-                "fleiss_kappa": agreement.fleiss_kappa(counts) if counts else float("nan"),
-                "aspect_alpha": {}}, agreement.majority_agreement(triples)
+        return {
+            "pairwise_agreement": agreement.pairwise_agreement_rate(units),
+            "fleiss_kappa": agreement.fleiss_kappa(counts) if counts else float("nan"),
+            "aspect_alpha": {},
+        }, agreement.majority_agreement(triples)
     alphas = {}
     for aspect in campaign.aspects:
         per_item = defaultdict(list)
         for row in labels:
             if aspect["key"] in row["scores"]:
                 per_item[row["item_id"]].append(row["scores"][aspect["key"]])
-        alphas[aspect["name"]] = agreement.krippendorff_alpha(list(per_item.values()),
-                                                              level="ordinal")
+        alphas[aspect["name"]] = agreement.krippendorff_alpha(
+            list(per_item.values()), level="ordinal"
+        )
     return {"pairwise_agreement": None, "fleiss_kappa": None, "aspect_alpha": alphas}, {}
 
 
@@ -79,8 +111,11 @@ FILTERS = ("rater", "level", "gold", "unsafe", "late")
 
 
 def filtered_labels(campaign: Campaign, params) -> tuple:
-    labels = (Label.objects.filter(campaign=campaign)
-              .select_related("rater", "item", "preferred").order_by("-created_at", "-id"))
+    labels = (
+        Label.objects.filter(campaign=campaign)
+        .select_related("rater", "item", "preferred")
+        .order_by("-created_at", "-id")
+    )
     filters = {name: params.get(name, "") for name in FILTERS}
     if filters["rater"]:
         labels = labels.filter(rater__username=filters["rater"])
@@ -100,8 +135,10 @@ def single_sided_grades() -> dict[tuple[str, str], dict[str, int]]:
     for prompt, text, _, scores in Label.objects.single_sided_scores().iterator(chunk_size=2000):
         for aspect, value in (scores or {}).items():
             sums[(prompt, text)][aspect].append(int(value))
-    return {key: {a: round(sum(v) / len(v)) for a, v in aspects.items()}
-            for key, aspects in sums.items()}
+    return {
+        key: {a: round(sum(v) / len(v)) for a, v in aspects.items()}
+        for key, aspects in sums.items()
+    }
 
 
 def export_path(job) -> Path:

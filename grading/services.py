@@ -62,18 +62,30 @@ class Choice:
 
 def campaign_import(*, campaign: Campaign, data: bytes, filename: str) -> int:
     """Add the items of an upload to a campaign, all or nothing. Raises UploadError."""
-    rows = parse_upload(data, filename, side_by_side=campaign.is_side_by_side,
-                        aspects=campaign.aspect_keys)
+    rows = parse_upload(
+        data, filename, side_by_side=campaign.is_side_by_side, aspects=campaign.aspect_keys
+    )
     with transaction.atomic():
         items = Item.objects.bulk_create(
-            [Item(campaign=campaign, prompt=r.prompt, external_id=r.external_id,
-                  metadata=r.metadata, is_gold=r.gold is not None, gold_answer=r.gold)
-             for r in rows],
+            [
+                Item(
+                    campaign=campaign,
+                    prompt=r.prompt,
+                    external_id=r.external_id,
+                    metadata=r.metadata,
+                    is_gold=r.gold is not None,
+                    gold_answer=r.gold,
+                )
+                for r in rows
+            ],
             batch_size=2000,
         )
         Response.objects.bulk_create(
-            [Response(item=item, position=i, text=text, model_name=row.models[i])
-             for item, row in zip(items, rows) for i, text in enumerate(row.responses)],
+            [
+                Response(item=item, position=i, text=text, model_name=row.models[i])
+                for item, row in zip(items, rows, strict=True)
+                for i, text in enumerate(row.responses)
+            ],
             batch_size=4000,
         )
     return len(items)
@@ -94,8 +106,10 @@ def assignment_claim(*, rater, campaign: Campaign, rng: random.Random | None = N
             return live
         done = Label.objects.filter(campaign=campaign, rater=rater).count()
         if done >= campaign.quota_per_rater:
-            raise GradingError(f"you have reached this campaign's quota of "
-                               f"{campaign.quota_per_rater} tasks — thank you!")
+            raise GradingError(
+                f"you have reached this campaign's quota of "
+                f"{campaign.quota_per_rater} tasks — thank you!"
+            )
     _expire_now_and_then(campaign, now)
     gold = campaign.gold_rate > 0 and rng.random() < campaign.gold_rate
     left = rng.randrange(2) if campaign.is_side_by_side else 0
@@ -122,8 +136,12 @@ def _claim_orm(rater, campaign: Campaign, now, left: int, *, gold: bool):
             return None
         Item.objects.filter(pk=item.pk).update(taken=F("taken") + 1)
         return Assignment.objects.create(
-            item=item, campaign=campaign, rater=rater, leased_at=now,
-            expires_at=now + campaign.lease, left_position=left,
+            item=item,
+            campaign=campaign,
+            rater=rater,
+            leased_at=now,
+            expires_at=now + campaign.lease,
+            left_position=left,
         )
 
 
@@ -167,8 +185,14 @@ FROM chosen c JOIN grading_item i ON i.id = c.item_id JOIN grading_response r ON
 
 
 def _claim_statement(rater, campaign: Campaign, now, left: int, *, gold: bool):
-    params = {"rater": rater.pk, "campaign": campaign.pk, "now": now, "left": left,
-              "overlap": campaign.overlap, "expires": now + campaign.lease}
+    params = {
+        "rater": rater.pk,
+        "campaign": campaign.pk,
+        "now": now,
+        "left": left,
+        "overlap": campaign.overlap,
+        "expires": now + campaign.lease,
+    }
     with connection.cursor() as cursor:
         cursor.execute(_CLAIM_SQL, params)
         found = cursor.fetchall()  # one row per response
@@ -177,15 +201,33 @@ def _claim_statement(rater, campaign: Campaign, now, left: int, *, gold: bool):
     pk, item_id, left_position, leased_at, expires_at, prompt, is_gold = found[0][:7]
     # Only the columns the statement read are loaded; touching another one of the item
     # fetches it, as for any deferred field. Its responses come loaded.
-    item = Item.from_db(connection.alias, ["id", "campaign_id", "prompt", "is_gold"],
-                        [item_id, campaign.pk, prompt, is_gold])
-    rows.prefetched(item, "responses", [
-        Response.from_db(connection.alias, ["id", "item_id", "position", "text"],
-                         [response_id, item_id, position, text])
-        for *_, response_id, position, text in found])
-    assignment = Assignment(pk=pk, item=item, campaign=campaign, rater=rater,
-                            status=Assignment.LEASED, left_position=left_position,
-                            leased_at=leased_at, expires_at=expires_at)
+    item = Item.from_db(
+        connection.alias,
+        ["id", "campaign_id", "prompt", "is_gold"],
+        [item_id, campaign.pk, prompt, is_gold],
+    )
+    rows.prefetched(
+        item,
+        "responses",
+        [
+            Response.from_db(
+                connection.alias,
+                ["id", "item_id", "position", "text"],
+                [response_id, item_id, position, text],
+            )
+            for *_, response_id, position, text in found
+        ],
+    )
+    assignment = Assignment(
+        pk=pk,
+        item=item,
+        campaign=campaign,
+        rater=rater,
+        status=Assignment.LEASED,
+        left_position=left_position,
+        leased_at=leased_at,
+        expires_at=expires_at,
+    )
     assignment._state.adding, assignment._state.db = False, connection.alias
     return assignment
 
@@ -232,7 +274,8 @@ def leases_expire(*, campaign: Campaign | None = None, now=None) -> int:
         if not rows:
             return 0
         Assignment.objects.filter(pk__in=[pk for pk, _ in rows]).update(
-            status=Assignment.EXPIRED, finished_at=now)
+            status=Assignment.EXPIRED, finished_at=now
+        )
         for item_id, count in Counter(item_id for _, item_id in rows).items():
             Item.objects.filter(pk=item_id).update(taken=F("taken") - count)
     return len(rows)
@@ -251,8 +294,11 @@ def assignment_submit(*, assignment: Assignment, data: dict) -> Label:
         if label is not None:
             return label
     with transaction.atomic():
-        a = (Assignment.objects.select_for_update(of=("self",))
-             .select_related("item", "campaign").get(pk=assignment.pk))
+        a = (
+            Assignment.objects.select_for_update(of=("self",))
+            .select_related("item", "campaign")
+            .get(pk=assignment.pk)
+        )
         if a.status == Assignment.SUBMITTED:
             return a.label
         if a.status == Assignment.SKIPPED:
@@ -264,8 +310,13 @@ def assignment_submit(*, assignment: Assignment, data: dict) -> Label:
         if a.status == Assignment.EXPIRED:
             _retake_slot(a)
         label = Label.objects.create(
-            assignment=a, item=a.item, campaign=a.campaign, rater_id=a.rater_id, late=late,
-            seconds=(now - a.leased_at).total_seconds(), created_at=now,
+            assignment=a,
+            item=a.item,
+            campaign=a.campaign,
+            rater_id=a.rater_id,
+            late=late,
+            seconds=(now - a.leased_at).total_seconds(),
+            created_at=now,
             preferred=None if position is None else a.item.responses.get(position=position),
             **fields,
         )
@@ -301,20 +352,42 @@ RETURNING id, preferred_id
 
 def _submit_statement(a: Assignment, fields: dict) -> Label | None:
     now = timezone.now()
-    fields = {"level": "", "picked_left": None, "scores": {}, "unsafe": False, "comment": "",
-              **fields, "late": a.expires_at <= now,
-              "seconds": (now - a.leased_at).total_seconds(), "created_at": now}
+    fields = {
+        "level": "",
+        "picked_left": None,
+        "scores": {},
+        "unsafe": False,
+        "comment": "",
+        **fields,
+        "late": a.expires_at <= now,
+        "seconds": (now - a.leased_at).total_seconds(),
+        "created_at": now,
+    }
     position = fields.pop("preferred_position")
-    params = {**fields, "now": now, "assignment": a.pk, "campaign": a.campaign_id,
-              "rater": a.rater_id, "position": position, "scores": json.dumps(fields["scores"])}
+    params = {
+        **fields,
+        "now": now,
+        "assignment": a.pk,
+        "campaign": a.campaign_id,
+        "rater": a.rater_id,
+        "position": position,
+        "scores": json.dumps(fields["scores"]),
+    }
     with connection.cursor() as cursor:
         cursor.execute(_SUBMIT_SQL, params)
         row = cursor.fetchone()
     if row is None:
         return None
     a.status, a.finished_at = Assignment.SUBMITTED, now
-    label = Label(pk=row[0], assignment=a, item_id=a.item_id, campaign_id=a.campaign_id,
-                  rater_id=a.rater_id, preferred_id=row[1], **fields)
+    label = Label(
+        pk=row[0],
+        assignment=a,
+        item_id=a.item_id,
+        campaign_id=a.campaign_id,
+        rater_id=a.rater_id,
+        preferred_id=row[1],
+        **fields,
+    )
     label._state.adding, label._state.db = False, connection.alias
     return label
 
@@ -322,8 +395,10 @@ def _submit_statement(a: Assignment, fields: dict) -> Label | None:
 def _retake_slot(a: Assignment) -> None:
     item = Item.objects.select_for_update().get(pk=a.item_id)
     if not item.is_gold and item.taken >= a.campaign.overlap:
-        raise LeaseLost("your lease on this task expired and the item already has all the "
-                        "labels it needs; please take the next task")
+        raise LeaseLost(
+            "your lease on this task expired and the item already has all the "
+            "labels it needs; please take the next task"
+        )
     Item.objects.filter(pk=item.pk).update(taken=F("taken") + 1)
 
 
@@ -342,8 +417,12 @@ def _pairwise_fields(a: Assignment, choice: Choice) -> dict:
     correct = None
     if a.item.is_gold and a.item.gold_answer is not None:
         correct = position == a.item.gold_answer.get("preferred")
-    return {"preferred_position": position, "level": choice.level, "picked_left": picked_left,
-            "gold_correct": correct}
+    return {
+        "preferred_position": position,
+        "level": choice.level,
+        "picked_left": picked_left,
+        "gold_correct": correct,
+    }
 
 
 def _single_fields(a: Assignment, data: dict) -> dict:
@@ -368,8 +447,13 @@ def _single_fields(a: Assignment, data: dict) -> dict:
     correct = None
     if a.item.is_gold and a.item.gold_answer is not None:
         correct = all(lo <= scores[k] <= hi for k, (lo, hi) in a.item.gold_answer["scores"].items())
-    return {"preferred_position": None, "scores": scores, "unsafe": bool(data.get("unsafe")),
-            "comment": comment, "gold_correct": correct}
+    return {
+        "preferred_position": None,
+        "scores": scores,
+        "unsafe": bool(data.get("unsafe")),
+        "comment": comment,
+        "gold_correct": correct,
+    }
 
 
 def assignment_skip(*, assignment: Assignment, reason: str) -> None:

@@ -25,8 +25,14 @@ def export_labels(job: Job) -> dict:
     out = Path(settings.MEDIA_ROOT) / "exports"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"campaign{campaign.pk}-{timezone.now():%Y%m%dT%H%M%S}-job{job.pk}.{fmt}"
-    n = export_file(campaign, fmt, path, progress=lambda done, total: job.report(
-        0.9 * done / max(total, 1), f"{done}/{total} labels"))
+    n = export_file(
+        campaign,
+        fmt,
+        path,
+        progress=lambda done, total: job.report(
+            0.9 * done / max(total, 1), f"{done}/{total} labels"
+        ),
+    )
     return {"file": path.name, "rows": n, "format": fmt, "bytes": path.stat().st_size}
 
 

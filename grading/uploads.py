@@ -17,14 +17,28 @@ from dataclasses import dataclass, field
 
 MAX_ROWS = 500_000
 MAX_TEXT = 200_000  # characters per prompt or response
-KNOWN = {"id", "prompt", "response", "response_a", "response_b", "responses", "model", "model_a",
-         "model_b", "models", "metadata", "gold"}
+KNOWN = {
+    "id",
+    "prompt",
+    "response",
+    "response_a",
+    "response_b",
+    "responses",
+    "model",
+    "model_a",
+    "model_b",
+    "models",
+    "metadata",
+    "gold",
+}
 
 
 class UploadError(ValueError):
     def __init__(self, errors: list[str]):
         self.errors = errors
-        shown = "; ".join(errors[:20]) + (f"; … {len(errors) - 20} more" if len(errors) > 20 else "")
+        shown = "; ".join(errors[:20]) + (
+            f"; … {len(errors) - 20} more" if len(errors) > 20 else ""
+        )
         super().__init__(f"{len(errors)} problem(s): {shown}")
 
 
@@ -38,12 +52,15 @@ class ItemRow:
     gold: dict | None = None  # side by side {"preferred": 0|1|None}; single {"scores": {...}}
 
 
-def parse_upload(data: bytes, filename: str, *, side_by_side: bool,
-                 aspects: list[str]) -> list[ItemRow]:
+def parse_upload(
+    data: bytes, filename: str, *, side_by_side: bool, aspects: list[str]
+) -> list[ItemRow]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise UploadError([f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})"])
+        raise UploadError(
+            [f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})"]
+        ) from exc
     if filename.lower().endswith(".csv"):
         records, errors = _read_csv(text)
     elif filename.lower().endswith((".jsonl", ".json", ".ndjson")):

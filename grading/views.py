@@ -15,8 +15,14 @@ from grading import access, quality
 from grading.forms import CampaignForm, ExportForm, UploadForm
 from grading.models import Label
 from grading.render import render_markdown
-from grading.services import (Choice, GradingError, assignment_claim, assignment_skip,
-                              assignment_submit, campaign_import)
+from grading.services import (
+    Choice,
+    GradingError,
+    assignment_claim,
+    assignment_skip,
+    assignment_submit,
+    campaign_import,
+)
 from grading.uploads import UploadError
 from models.preferences import PREFERENCE_LEVELS
 
@@ -59,14 +65,17 @@ def _render_task(request, assignment, error: str = "", status: int = 200):
     responses = {r.position: r.text for r in item.responses.all()}
     left = assignment.left_position
     context = {
-        "assignment": assignment, "campaign": campaign, "error": error,
+        "assignment": assignment,
+        "campaign": campaign,
+        "error": error,
         "prompt_html": render_markdown(item.prompt),
         "guidelines_html": render_markdown(campaign.guidelines),
         # Only texts go to the page: never model names, response ids or original positions.
         "left_html": render_markdown(responses.get(left, "")),
         "right_html": render_markdown(responses.get(1 - left, "")),
         "progress": quality.rater_progress_one(request.user, campaign),
-        "choices": SBS_CHOICES, "aspects": campaign.aspects,
+        "choices": SBS_CHOICES,
+        "aspects": campaign.aspects,
     }
     return render(request, "grading/task.html", context, status=status)
 
@@ -76,11 +85,14 @@ def _rater_choices() -> list[tuple[str, str, str]]:
     ties, 7–0 "B is …" weakest first, so the keys run from "A much better" to "B much better"."""
     strengths = [lv for lv in PREFERENCE_LEVELS if not lv.is_tie]
     ties = [lv for lv in PREFERENCE_LEVELS if lv.is_tie]
-    rows = ([(Choice("left", lv.name), f"A is {lv.label}") for lv in strengths]
-            + [(Choice(None, lv.name), "Tie: " + lv.label.removeprefix("tie ")) for lv in ties]
-            + [(Choice("right", lv.name), f"B is {lv.label}") for lv in reversed(strengths)])
-    return [(key, choice.value, text)
-            for key, (choice, text) in zip("1234567890", rows, strict=True)]
+    rows = (
+        [(Choice("left", lv.name), f"A is {lv.label}") for lv in strengths]
+        + [(Choice(None, lv.name), "Tie: " + lv.label.removeprefix("tie ")) for lv in ties]
+        + [(Choice("right", lv.name), f"B is {lv.label}") for lv in reversed(strengths)]
+    )
+    return [
+        (key, choice.value, text) for key, (choice, text) in zip("1234567890", rows, strict=True)
+    ]
 
 
 SBS_CHOICES = _rater_choices()
@@ -93,10 +105,14 @@ def submit(request, assignment_id: int):
     if assignment.campaign.is_side_by_side:
         data = {"choice": request.POST.get("choice", "")}
     else:
-        scores = {k.removeprefix("score_"): v for k, v in request.POST.items()
-                  if k.startswith("score_")}
-        data = {"scores": scores, "unsafe": request.POST.get("unsafe") == "on",
-                "comment": request.POST.get("comment", "")}
+        scores = {
+            k.removeprefix("score_"): v for k, v in request.POST.items() if k.startswith("score_")
+        }
+        data = {
+            "scores": scores,
+            "unsafe": request.POST.get("unsafe") == "on",
+            "comment": request.POST.get("comment", ""),
+        }
     try:
         assignment_submit(assignment=assignment, data=data)
     except GradingError as exc:
@@ -132,11 +148,14 @@ def campaign_list(request):
 @researcher_required
 def campaign_detail(request, campaign_id: int):
     campaign = access.access_campaign_for_researcher(request.user, campaign_id)
-    context = {"campaign": campaign, "upload_form": UploadForm(), "export_form": ExportForm(),
-               "report": quality.campaign_report(campaign),
-               "guidelines_html": render_markdown(campaign.guidelines),
-               "exports": Job.objects.filter(kind="grading.export",
-                                             params__campaign_id=campaign.pk)[:10]}
+    context = {
+        "campaign": campaign,
+        "upload_form": UploadForm(),
+        "export_form": ExportForm(),
+        "report": quality.campaign_report(campaign),
+        "guidelines_html": render_markdown(campaign.guidelines),
+        "exports": Job.objects.filter(kind="grading.export", params__campaign_id=campaign.pk)[:10],
+    }
     return render(request, "grading/campaign_detail.html", context)
 
 
@@ -163,9 +182,11 @@ def label_browser(request, campaign_id: int):
     campaign = access.access_campaign_for_researcher(request.user, campaign_id)
     labels, filters = quality.filtered_labels(campaign, request.GET)
     page = Paginator(labels, 50).get_page(request.GET.get("page"))
-    return render(request, "grading/labels.html", {"campaign": campaign, "page": page,
-                                                   "filters": filters,
-                                                   "levels": Label.LEVEL_CHOICES})
+    return render(
+        request,
+        "grading/labels.html",
+        {"campaign": campaign, "page": page, "filters": filters, "levels": Label.LEVEL_CHOICES},
+    )
 
 
 @require_POST
@@ -175,8 +196,11 @@ def campaign_export(request, campaign_id: int):
     form = ExportForm(request.POST)
     if not form.is_valid():
         return HttpResponseBadRequest("unknown export format")
-    job = job_submit(kind="grading.export", user=request.user,
-                     params={"campaign_id": campaign.pk, "format": form.cleaned_data["format"]})
+    job = job_submit(
+        kind="grading.export",
+        user=request.user,
+        params={"campaign_id": campaign.pk, "format": form.cleaned_data["format"]},
+    )
     return redirect("job_detail", job_id=job.pk)
 
 

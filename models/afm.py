@@ -47,9 +47,9 @@ from models.kernels import (
     CachedAttention,
     StepAttention,
     argmax_last,
+    elementwise,
     rms_norm,
     rope,
-    swiglu,
 )
 from models.linear import Linear, Projection, TiedHead
 
@@ -276,31 +276,33 @@ class Block(nn.Module):
             (M, dim). The kernel then takes queries (M, H, hd) (``PooledAttention``).
         weights: projections to use instead of the block's own (same shapes).
         """
-        a = self.attn
+        a, ops, dtype = self.attn, elementwise(), x.dtype
         H, Hkv, hd = a.n_heads, a.n_kv, a.hd
         wqkv, wo, w13, w2 = weights or (a.wqkv, a.wo, self.mlp.w13, self.mlp.w2)
-        # Norms are plain function calls: a module call's hook machinery costs ~1.5 us, and a
-        # SmolLM2 decoding step makes 61 of them.
         eps = self.attn_norm.eps
-        h = rms_norm(x, self.attn_norm.weight, eps)
+        h = ops.rms_norm(x, self.attn_norm.weight, eps)
         if keep is None:
-            qkv = wqkv(h).to(x.dtype).view(*x.shape[:-1], H + 2 * Hkv, hd)  # (..., H + 2·Hkv, hd)
+            qkv = wqkv(h)
+            if qkv.dtype is not dtype:  # int4 projections answer in bf16
+                qkv = qkv.to(dtype)
             # split, not slicing: its backward is one cat instead of zeros, copies and a sum
-            qk, v = qkv.split((H + Hkv, Hkv), dim=-2)
+            qk, v = qkv.view(*x.shape[:-1], H + 2 * Hkv, hd).split((H + Hkv, Hkv), dim=-2)
             if a.q_norm is not None and a.k_norm is not None:
                 qk = torch.cat((a.q_norm(qk[..., :H, :]), a.k_norm(qk[..., H:, :])), dim=-2)
-            # Rotate q and k in one pass.
-            q, k = apply_rope(qk, cos, sin).split((H, Hkv), dim=-2)
+            q, k = ops.rope(qk, cos, sin).split((H, Hkv), dim=-2)  # q and k in one pass
         else:
-            kv = wqkv(h, rows=slice(H * hd, None)).to(x.dtype).unflatten(-1, (2 * Hkv, hd))
+            kv = wqkv(h, rows=slice(H * hd, None)).to(dtype).unflatten(-1, (2 * Hkv, hd))
             k, v = kv.split(Hkv, dim=-2)  # each (N, Hkv, hd)
-            q = wqkv(h[keep], rows=slice(0, H * hd)).to(x.dtype).unflatten(-1, (H, hd))
+            q = wqkv(h[keep], rows=slice(0, H * hd)).to(dtype).unflatten(-1, (H, hd))
             if a.q_norm is not None and a.k_norm is not None:
                 q, k = a.q_norm(q), a.k_norm(k)
-            q, k = apply_rope(q, cos[keep], sin[keep]), apply_rope(k, cos, sin)
+            q, k = ops.rope(q, cos[keep], sin[keep]), ops.rope(k, cos, sin)
             x = x[keep]  # (M, dim)
         x = x + wo(attention(q, k, v, self.index))
-        return x + w2(swiglu(w13(rms_norm(x, self.mlp_norm.weight, eps)).to(x.dtype)))
+        gate_up = w13(ops.rms_norm(x, self.mlp_norm.weight, eps))
+        if gate_up.dtype is not dtype:
+            gate_up = gate_up.to(dtype)
+        return x + w2(ops.swiglu(gate_up))
 
 
 class AFM(nn.Module):

@@ -31,7 +31,7 @@ class ShortlistHead:
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """Greedy next tokens (B,) for hidden states (B, dim)."""
-        candidates = self.approx.apply(h).topk(self.shortlist, dim=-1).indices  # (B, shortlist)
+        candidates = self.approx.multiply(h).topk(self.shortlist, dim=-1).indices  # (B, shortlist)
         weight = self.head.effective_weight()  # (V, dim), no copy for a dense head
         exact = (weight[candidates] @ h.unsqueeze(-1)).squeeze(-1)  # (B, shortlist)
         return candidates.gather(-1, exact.argmax(dim=-1, keepdim=True)).squeeze(-1)
@@ -62,9 +62,9 @@ class Int4Draft:
             for b in model.blocks
         ]
         self.head = ShortlistHead(model.lm_head, group_size)
-        # What AFM.step runs: the copies' unchecked ``apply`` (``refresh`` checks them once per
+        # What AFM.step runs: the copies' unchecked ``multiply`` (``refresh`` checks them once per
         # generation instead of once per call), bound methods rather than module calls.
-        self.layers = [tuple(c.apply for c in copies) for copies in self.copies]
+        self.layers = [tuple(c.multiply for c in copies) for copies in self.copies]
 
     def refresh(self) -> None:
         """Rebuild every int4 copy whose fp32 weight changed (a training step, a reload):

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from models.afm import AFM, KVCache
-from models.kernels import argmax_last
 from models.draft import Int4Draft
+from models.kernels import argmax_last
 
 
 def sample_next(
@@ -130,7 +130,11 @@ class _Outputs:
     def room(self) -> int:
         """The most tokens any unfinished row may still take."""
         return max(
-            (self.max_new_tokens - len(t) for t, d in zip(self.tokens, self.done) if not d),
+            (
+                self.max_new_tokens - len(t)
+                for t, d in zip(self.tokens, self.done, strict=True)
+                if not d
+            ),
             default=0,
         )
 

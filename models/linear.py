@@ -92,7 +92,9 @@ class Linear(Projection):
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, device=device, dtype=dtype)
+        )
         self._packed: Packed | None = None
         if self.weight.device.type != "meta":
             # nn.Linear's default initialisation (Kaiming-uniform, a = sqrt(5)).
@@ -224,10 +226,10 @@ class Int4Linear(Projection):
         if rows is not None:
             raise NotImplementedError("Int4Linear computes all output features")
         self.refresh()
-        y = self.apply(x.reshape(-1, self.in_features))  # (N, out)
+        y = self.multiply(x.reshape(-1, self.in_features))  # (N, out)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+    def multiply(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, in) rows -> (N, out) bf16: ``forward`` without the staleness check, for a caller
         that ran ``refresh()`` since the source last changed (``models.draft.Int4Draft``, once
         per generation: the check costs ~2 us, 121 times a SmolLM2 draft step)."""

@@ -69,7 +69,7 @@ def plan_families(pairs: Sequence[Pair], min_prefix: int = 32) -> tuple[list[Fam
     below that the B=1 prefix pass and smaller batches cost more than they save.
     """
     by_context: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, cont) in enumerate(pairs):
+    for i, (ctx, _) in enumerate(pairs):
         by_context.setdefault(tuple(ctx), []).append(i)
     groups: list[tuple[int, list[tuple[int, ...]]]] = []  # (prefix length, contexts)
     for ctx in sorted(by_context):

@@ -383,7 +383,7 @@ def evaluate_reward_model(
             for s, side in enumerate((p.chosen_aspects, p.rejected_aspects))
             if a in side
         ]
-        rho = spearmanr(*zip(*pts)).statistic if len(pts) >= 3 else float("nan")
+        rho = spearmanr(*zip(*pts, strict=True)).statistic if len(pts) >= 3 else float("nan")
         spearman[a] = None if math.isnan(rho) else float(rho)
     return {
         "pairs": len(prefs),

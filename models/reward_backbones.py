@@ -57,7 +57,9 @@ class EmbeddingBackbone(Backbone):
         if new:
             with torch.no_grad():
                 out = self._embed(new).float().cpu()  # (len(new), width)
-            self._cache.update(zip(new, out.clone()))  # clone: no inference-mode tensors
+            self._cache.update(
+                zip(new, out.clone(), strict=True)
+            )  # clone: no inference-mode tensors
         return torch.stack([self._cache[t] for t in texts])  # (N, width)
 
     def encode(self, prompts, responses):
@@ -123,7 +125,7 @@ class DecoderBackbone(Backbone):
         cap = min(self.max_response, self.model.cfg.max_seq_len - 1) - len(self._eos)
         resp = [[self.tokenizer.encode(r)[:cap] + self._eos for r in rs] for rs in responses]
         p_ids = []
-        for p, rs in zip(prompts, resp):
+        for p, rs in zip(prompts, resp, strict=True):
             keep = min(self.max_prompt, self.model.cfg.max_seq_len - max(map(len, rs)))
             ids = self.tokenizer.encode(p)
             p_ids.append(ids[max(len(ids) - keep, 0) :])

@@ -24,8 +24,9 @@ def _arena_answers(model: str) -> dict[str, str]:
     return answers
 
 
-def arena_hard_pairs(limit: int | None = None, models: tuple[str, str] = ARENA_MODELS,
-                     max_chars: int = 50_000) -> Iterator[dict]:
+def arena_hard_pairs(
+    limit: int | None = None, models: tuple[str, str] = ARENA_MODELS, max_chars: int = 50_000
+) -> Iterator[dict]:
     """Side-by-side rows: an Arena-Hard prompt with two models' answers.
 
     Pairs where an answer is longer than ``max_chars`` are left out: a few answers are runaway
@@ -38,11 +39,19 @@ def arena_hard_pairs(limit: int | None = None, models: tuple[str, str] = ARENA_M
             continue
         if max(len(a[q["uid"]]), len(b[q["uid"]])) > max_chars:
             continue
-        yield {"id": f"arena-hard-v2:{q['uid']}", "prompt": q["prompt"],
-               "response_a": a[q["uid"]], "response_b": b[q["uid"]],
-               "model_a": models[0], "model_b": models[1],
-               "metadata": {"source": "arena-hard-v2.0", "category": q.get("category", ""),
-                            "subcategory": q.get("subcategory", "")}}
+        yield {
+            "id": f"arena-hard-v2:{q['uid']}",
+            "prompt": q["prompt"],
+            "response_a": a[q["uid"]],
+            "response_b": b[q["uid"]],
+            "model_a": models[0],
+            "model_b": models[1],
+            "metadata": {
+                "source": "arena-hard-v2.0",
+                "category": q.get("category", ""),
+                "subcategory": q.get("subcategory", ""),
+            },
+        }
         count += 1
         if limit is not None and count >= limit:
             return
@@ -54,6 +63,10 @@ def alpaca_eval_singles(limit: int | None = None) -> Iterator[dict]:
     for i, row in enumerate(json.loads(path.read_text())):
         if limit is not None and i >= limit:
             return
-        yield {"id": f"alpaca-eval:{i}", "prompt": row["instruction"], "response": row["output"],
-               "model": row.get("generator", "gpt4"), "metadata": {"source": "alpaca_eval",
-                                                                   "dataset": row["dataset"]}}
+        yield {
+            "id": f"alpaca-eval:{i}",
+            "prompt": row["instruction"],
+            "response": row["output"],
+            "model": row.get("generator", "gpt4"),
+            "metadata": {"source": "alpaca_eval", "dataset": row["dataset"]},
+        }

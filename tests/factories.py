@@ -22,8 +22,12 @@ class UserFactory(factory.django.DjangoModelFactory):
 def make_campaign(name="Helpfulness", kind="side_by_side", **fields):
     from grading.models import Campaign
 
-    defaults = {"overlap": 3, "gold_rate": 0.0, "lease_seconds": 600,
-                "guidelines": "Prefer the **more helpful** answer."}
+    defaults = {
+        "overlap": 3,
+        "gold_rate": 0.0,
+        "lease_seconds": 600,
+        "guidelines": "Prefer the **more helpful** answer.",
+    }
     return Campaign.objects.create(name=name, kind=kind, **{**defaults, **fields})
 
 
@@ -32,10 +36,25 @@ def make_items(campaign, n, *, gold=None, prompt="Prompt {i}", models=("model-x"
     from grading.models import Item, Response
 
     items = Item.objects.bulk_create(
-        [Item(campaign=campaign, prompt=prompt.format(i=i), external_id=f"ext-{i}",
-              is_gold=gold is not None, gold_answer=gold) for i in range(n)])
+        [
+            Item(
+                campaign=campaign,
+                prompt=prompt.format(i=i),
+                external_id=f"ext-{i}",
+                is_gold=gold is not None,
+                gold_answer=gold,
+            )
+            for i in range(n)
+        ]
+    )
     count = 2 if campaign.is_side_by_side else 1
     Response.objects.bulk_create(
-        [Response(item=item, position=p, text=f"Answer {p} to item {item.pk}",
-                  model_name=models[p]) for item in items for p in range(count)])
+        [
+            Response(
+                item=item, position=p, text=f"Answer {p} to item {item.pk}", model_name=models[p]
+            )
+            for item in items
+            for p in range(count)
+        ]
+    )
     return items

@@ -61,7 +61,11 @@ class Proc:
         self.log = log
         self._out = open(log, "ab")
         self.popen = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -83,8 +87,19 @@ class Proc:
 
 
 # The production commands, shared with compose.yaml (a test checks they agree).
-WORKER_ARGS = ["-m", "celery", "-A", "evalhub", "worker", "-Q", "default,models",
-               "--concurrency", "1", "--loglevel", "INFO"]
+WORKER_ARGS = [
+    "-m",
+    "celery",
+    "-A",
+    "evalhub",
+    "worker",
+    "-Q",
+    "default,models",
+    "--concurrency",
+    "1",
+    "--loglevel",
+    "INFO",
+]
 WEB_ARGS = ["-m", "gunicorn", "evalhub.wsgi", "--bind", "{bind}", "--workers", "5"]
 BEAT_ARGS = ["-m", "celery", "-A", "evalhub", "beat", "--loglevel", "INFO"]
 

@@ -35,8 +35,12 @@ def services(tmp_path):
 
 
 def _submit(base: str, token: str, params: dict) -> int:
-    response = httpx.post(f"{base}/api/jobs/", json={"kind": "demo", "params": params},
-                          headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    response = httpx.post(
+        f"{base}/api/jobs/",
+        json={"kind": "demo", "params": params},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
@@ -59,8 +63,11 @@ def test_a_job_submitted_over_http_runs_on_a_real_worker_and_lands_in_postgres(s
 
 def test_a_job_survives_kill_9_of_its_worker_and_completes_exactly_once(services, carol):
     # Redis hands an unacknowledged message to another worker after the visibility timeout.
-    visibility = {"CELERY_VISIBILITY_TIMEOUT": 3, "CELERY_UNACKED_RESTORE_INTERVAL": 1,
-                  "CELERY_UNACKED_RESTORE_THROTTLE": 1}
+    visibility = {
+        "CELERY_VISIBILITY_TIMEOUT": 3,
+        "CELERY_UNACKED_RESTORE_INTERVAL": 1,
+        "CELERY_UNACKED_RESTORE_THROTTLE": 1,
+    }
     _, token = ApiToken.issue(user=carol, name="it")
     first = services("worker", "doomed", **visibility)
     _, base = services("gunicorn")
@@ -94,24 +101,36 @@ def test_healthz_reports_503_when_the_broker_is_down(services):
 @pytest.mark.django_db(transaction=False)
 def test_the_embedded_profile_runs_web_worker_and_beat_and_stops_on_ctrl_c(tmp_path):
     """`make run` in a fresh directory: SQLite, the SQL-file broker, a real worker process."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_ALLOW_ASYNC_UNSAFE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DATABASE_URL", "CELERY_BROKER_URL", "DJANGO_ALLOW_ASYNC_UNSAFE")
+    }
     env.update(EVALHUB_VAR_DIR=str(tmp_path), EVALHUB_HTTPS="false")
     manage = [sys.executable, "manage.py"]
     for args in (["migrate", "--noinput"], ["collectstatic", "--noinput"]):
         subprocess.run(manage + args, cwd=ROOT, env=env, check=True, capture_output=True)
-    boot = subprocess.run(manage + ["bootstrap", "--no-models"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    boot = subprocess.run(
+        manage + ["bootstrap", "--no-models"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert "password:" in boot.stdout, boot.stderr
-    again = subprocess.run(manage + ["bootstrap", "--no-models"], cwd=ROOT, env=env,
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        manage + ["bootstrap", "--no-models"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert "password:" not in again.stdout  # printed once, never again
 
     port = __import__("tests.services", fromlist=["free_port"]).free_port()
     log = open(tmp_path / "run.log", "wb")
-    proc = subprocess.Popen(manage + ["runplatform", "--bind", f"127.0.0.1:{port}"], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        manage + ["runplatform", "--bind", f"127.0.0.1:{port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
+
         def job_status():
             with sqlite3.connect(tmp_path / "db.sqlite3") as db:
                 return db.execute("SELECT status FROM evalhub_job ORDER BY id LIMIT 1").fetchone()

@@ -64,13 +64,17 @@ def test_a_cancel_post_without_csrf_token_is_refused(carol):
     assert job.status == "running"
 
 
-def test_the_jobs_api_submits_with_a_bearer_token(client, carol, django_capture_on_commit_callbacks):
+def test_the_jobs_api_submits_with_a_bearer_token(
+    client, carol, django_capture_on_commit_callbacks
+):
     _, raw = ApiToken.issue(user=carol, name="ci")
     with mock.patch.object(KINDS["demo"], "apply_async") as enqueue:
         with django_capture_on_commit_callbacks(execute=True):
             response = client.post(
-                reverse("api_jobs"), data=json.dumps({"kind": "demo", "params": {"steps": 2}}),
-                content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {raw}",
+                reverse("api_jobs"),
+                data=json.dumps({"kind": "demo", "params": {"steps": 2}}),
+                content_type="application/json",
+                HTTP_AUTHORIZATION=f"Bearer {raw}",
             )
     assert response.status_code == 201, response.content
     job = Job.objects.get(pk=response.json()["id"])
@@ -80,20 +84,29 @@ def test_the_jobs_api_submits_with_a_bearer_token(client, carol, django_capture_
 
 @pytest.mark.parametrize(
     "body, message",
-    [(b"{not json", "malformed"), (b'{"params": {}}', "malformed"),
-     (b'{"kind": "demo", "params": [1]}', "params must be an object"),
-     (b'{"kind": "format_disk"}', "unknown job kind")],
+    [
+        (b"{not json", "malformed"),
+        (b'{"params": {}}', "malformed"),
+        (b'{"kind": "demo", "params": [1]}', "params must be an object"),
+        (b'{"kind": "format_disk"}', "unknown job kind"),
+    ],
 )
 def test_the_jobs_api_rejects_bad_requests_and_creates_nothing(client, carol, body, message):
     _, raw = ApiToken.issue(user=carol, name="ci")
-    response = client.post(reverse("api_jobs"), data=body, content_type="application/json",
-                           HTTP_AUTHORIZATION=f"Bearer {raw}")
+    response = client.post(
+        reverse("api_jobs"),
+        data=body,
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {raw}",
+    )
     assert response.status_code == 400 and message in response.json()["error"]
     assert not Job.objects.exists()
 
 
 def test_the_jobs_api_refuses_bad_tokens_and_raters(client, alice):
-    assert client.get(reverse("api_jobs"), HTTP_AUTHORIZATION="Bearer evh_forged").status_code == 401
+    assert (
+        client.get(reverse("api_jobs"), HTTP_AUTHORIZATION="Bearer evh_forged").status_code == 401
+    )
     _, raw = ApiToken.issue(user=alice, name="mine")
     assert client.get(reverse("api_jobs"), HTTP_AUTHORIZATION=f"Bearer {raw}").status_code == 403
 
@@ -108,8 +121,9 @@ def test_a_revoked_token_no_longer_authenticates(client, carol):
 def test_a_session_call_to_the_api_needs_a_csrf_token(carol):
     client = Client(enforce_csrf_checks=True)
     client.force_login(carol)
-    response = client.post(reverse("api_jobs"), data='{"kind": "demo"}',
-                           content_type="application/json")
+    response = client.post(
+        reverse("api_jobs"), data='{"kind": "demo"}', content_type="application/json"
+    )
     assert response.status_code == 403 and "CSRF" in response.json()["error"]
     assert not Job.objects.exists()
 

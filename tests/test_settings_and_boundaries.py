@@ -36,11 +36,26 @@ def test_secrets_can_come_from_a_file(monkeypatch, tmp_path):
 
 
 def _manage(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("DEBUG", "EVALHUB_HTTPS", "SECRET_KEY", "EVALHUB_MANIFEST_STATIC",
-                         "DJANGO_ALLOW_ASYNC_UNSAFE")}
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env={**base, **env},
-                          capture_output=True, text=True, timeout=120)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "DEBUG",
+            "EVALHUB_HTTPS",
+            "SECRET_KEY",
+            "EVALHUB_MANIFEST_STATIC",
+            "DJANGO_ALLOW_ASYNC_UNSAFE",
+        )
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 PRODUCTION_ENV = {
@@ -75,14 +90,16 @@ def test_models_and_suites_never_import_django():
         "import sys, importlib\n"
         "for name in ('models', 'suites'):\n"
         "    importlib.import_module(name)\n"
-        "    for sub in __import__('pkgutil').walk_packages(sys.modules[name].__path__, name + '.'):\n"
+        "    path = sys.modules[name].__path__\n"
+        "    for sub in __import__('pkgutil').walk_packages(path, name + '.'):\n"
         "        importlib.import_module(sub.name)\n"
         "assert 'django' not in sys.modules, sorted(m for m in sys.modules if 'django' in m)\n"
         "print('clean')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "clean", result.stderr[-3000:]
 
 
@@ -124,7 +141,9 @@ def _import_graph(packages: tuple[str, ...]) -> dict[str, set[str]]:
         for path in sorted((ROOT / package).rglob("*.py")):
             if "migrations" in path.parts:
                 continue
-            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(
+                ".__init__"
+            )
             graph[module] = {m for m in _imports(path) if m.split(".")[0] in packages}
     return graph
 
@@ -137,7 +156,7 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
         state[node] = "open"
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == "open":
-                return [*path[path.index(nxt):], nxt] if nxt in path else [node, nxt]
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
             if nxt not in state and (found := visit(nxt, [*path, nxt])):
                 return found
         state[node] = "done"
@@ -164,7 +183,8 @@ def test_packages_import_each_other_in_one_direction_only():
     for module, targets in _import_graph(PACKAGES).items():
         source = module.split(".")[0]
         edges.setdefault(source, set()).update(
-            t.split(".")[0] for t in targets if t.split(".")[0] != source)
+            t.split(".")[0] for t in targets if t.split(".")[0] != source
+        )
     assert _cycle(edges) is None, edges
     assert "evalhub" not in edges["grading"] and not edges["core"] & {"evalhub", "grading"}
 
@@ -173,7 +193,9 @@ def test_modules_inside_evalhub_import_each_other_without_a_cycle():
     graph = _import_graph(PACKAGES)
     modules = {m for m in graph if m.startswith("evalhub")}
     # `from evalhub import x` names the module evalhub.x; keep the most specific module named.
-    edges = {m: {t if t in modules else t.rpartition(".")[0] for t in graph[m]} & modules - {m}
-             for m in modules}
+    edges = {
+        m: {t if t in modules else t.rpartition(".")[0] for t in graph[m]} & modules - {m}
+        for m in modules
+    }
     edges = {m: {t for t in targets if t != "evalhub"} for m, targets in edges.items()}
     assert _cycle(edges) is None

@@ -42,10 +42,18 @@ def interval_plot(rows, width: int = 640):
         y, g = 20 + 24 * i, r["rating"]
         parts.append((y + 4, r["model"], x(g["ci_low"]), y, x(g["ci_high"]), y, x(g["rating"]), y))
     body = format_html_join(
-        "", '<text x="4" y="{}" font-size="12">{}</text><line x1="{}" y1="{}" x2="{}" y2="{}" '
-        'stroke="#2f6fed" stroke-width="2"/><circle cx="{}" cy="{}" r="4" fill="#2f6fed"/>', parts)
-    return format_html('<svg class="plot" width="{}" height="{}" role="img" '
-                       'aria-label="preference ratings">{}</svg>', width, 30 + 24 * len(rated), body)
+        "",
+        '<text x="4" y="{}" font-size="12">{}</text><line x1="{}" y1="{}" x2="{}" y2="{}" '
+        'stroke="#2f6fed" stroke-width="2"/><circle cx="{}" cy="{}" r="4" fill="#2f6fed"/>',
+        parts,
+    )
+    return format_html(
+        '<svg class="plot" width="{}" height="{}" role="img" '
+        'aria-label="preference ratings">{}</svg>',
+        width,
+        30 + 24 * len(rated),
+        body,
+    )
 
 
 @register.simple_tag
@@ -61,9 +69,17 @@ def curve_plot(curve, width: int = 640, height: int = 180):
     points = " ".join(
         f"{40 + (width - 50) * (s - s0) / max(s1 - s0, 1):.1f},"
         f"{10 + (height - 30) * (1 - (v - lo) / ((hi - lo) or 1)):.1f}"
-        for s, v in zip(steps, losses))
+        for s, v in zip(steps, losses, strict=True)
+    )
     return format_html(
         '<svg class="plot" width="{}" height="{}" role="img" aria-label="loss curve">'
         '<polyline fill="none" stroke="#2f6fed" stroke-width="2" points="{}"/>'
         '<text x="2" y="14" font-size="11">{}</text><text x="2" y="{}" font-size="11">{}</text>'
-        '</svg>', width, height, points, f"{hi:.3f}", height - 20, f"{lo:.3f}")
+        "</svg>",
+        width,
+        height,
+        points,
+        f"{hi:.3f}",
+        height - 20,
+        f"{lo:.3f}",
+    )

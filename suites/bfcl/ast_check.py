@@ -125,7 +125,7 @@ def _value(node: ast.expr) -> Any:
     if isinstance(node, ast.Dict):
         if any(k is None for k in node.keys):
             raise ParseError("dict unpacking (**) is not a value")
-        return {_value(k): _value(v) for k, v in zip(node.keys, node.values)}  # type: ignore[arg-type]
+        return {_value(k): _value(v) for k, v in zip(node.keys, node.values, strict=True)}  # type: ignore[arg-type]
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Call):
@@ -263,7 +263,8 @@ def _dict_ok(value: dict, allowed: Sequence[Any]) -> bool:
 
 def _list_of_dicts_ok(value: list, allowed: Sequence[Any]) -> bool:
     return any(
-        len(value) == len(answer) and all(_dict_ok(v, [a]) for v, a in zip(value, answer))
+        len(value) == len(answer)
+        and all(_dict_ok(v, [a]) for v, a in zip(value, answer, strict=True))
         for answer in allowed
     )
 

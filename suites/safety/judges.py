@@ -242,7 +242,7 @@ def judge_agreement(
         return {"agreement": float("nan"), "cohen_kappa": float("nan"), "n": 0}
     x = [getattr(v, field) for v in a]
     y = [getattr(v, field) for v in b]
-    observed = sum(p == q for p, q in zip(x, y)) / n
+    observed = sum(p == q for p, q in zip(x, y, strict=True)) / n
     px, py = sum(x) / n, sum(y) / n
     chance = px * py + (1 - px) * (1 - py)
     kappa = float("nan") if chance == 1 else (observed - chance) / (1 - chance)

@@ -192,7 +192,8 @@ def test_majority_agreement_uses_the_strict_majority_of_the_other_raters():
     labels = [
         ("q1", "r1", "A"), ("q1", "r2", "A"), ("q1", "r3", "A"), ("q1", "r4", "B"),
         # others split 2-2 for r1, r2 and r3, so only r4 and r5 are judged here
-        ("q2", "r1", "B"), ("q2", "r2", "B"), ("q2", "r3", "B"), ("q2", "r4", "A"), ("q2", "r5", "A"),
+        ("q2", "r1", "B"), ("q2", "r2", "B"), ("q2", "r3", "B"),
+        ("q2", "r4", "A"), ("q2", "r5", "A"),
         ("q3", "r1", "A"), ("q3", "r2", "B"), ("q3", "r5", "tie"),  # no majority for anyone
         ("q4", "r1", "A"), ("q4", "r6", "B"),  # fewer than 3 labels
     ]  # fmt: skip
@@ -242,7 +243,7 @@ def test_rater_stats_on_hand_built_labels():
     picks = [True] * 8 + [False] * 2
     gold = [True, False, True] + [None] * 7
     seconds = [2.0, 4.0, None, 10.0, 4.0, 6.0, 3.0, 4.0, 8.0, 5.0]  # sorted: 2 3 4 4 4 5 6 8 10
-    ann_labels = [LabelRecord("ann", s, p, g) for s, p, g in zip(seconds, picks, gold)]
+    ann_labels = [LabelRecord("ann", s, p, g) for s, p, g in zip(seconds, picks, gold, strict=True)]
     bob_labels = [LabelRecord("bob", 7.0), LabelRecord("bob", None, None, True)]
     stats = rater_stats(ann_labels + bob_labels, majority={"ann": 0.75})
 

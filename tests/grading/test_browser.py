@@ -68,8 +68,12 @@ def test_a_rater_grades_side_by_side_and_single_sided_tasks_with_the_keyboard_on
     assert better.picked_left is True
     assert better.preferred.position == better.assignment.left_position
     graded = Label.objects.get(campaign=single)
-    assert graded.scores == {"instruction_following": 4, "conciseness": 3, "truthfulness": 2,
-                             "harmlessness": 5}
+    assert graded.scores == {
+        "instruction_following": 4,
+        "conciseness": 3,
+        "truthfulness": 2,
+        "harmlessness": 5,
+    }
     assert graded.unsafe and graded.comment == "Confident but wrong about dates."
     assert dialogs == []
 
@@ -93,8 +97,10 @@ def test_skipping_with_the_keyboard_records_the_reason(page: Page, live_server, 
 def test_script_and_onerror_payloads_in_model_output_render_inert(page: Page, live_server, alice):
     campaign = make_campaign(overlap=1)
     item = make_items(campaign, 1)[0]
-    payload = ("<script>document.title='pwned';window.__xss=1</script>"
-               "<img src=x onerror=\"window.__xss=2;alert('xss')\"> Plain **answer**.")
+    payload = (
+        "<script>document.title='pwned';window.__xss=1</script>"
+        "<img src=x onerror=\"window.__xss=2;alert('xss')\"> Plain **answer**."
+    )
     item.responses.update(text=payload)
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
@@ -104,6 +110,8 @@ def test_script_and_onerror_payloads_in_model_output_render_inert(page: Page, li
     _task_ready(page)
     assert page.evaluate("window.__xss") is None and dialogs == []
     assert "pwned" not in page.title()
-    assert page.locator(".response img").count() == 0 and page.locator(".response script").count() == 0
+    assert (
+        page.locator(".response img").count() == 0 and page.locator(".response script").count() == 0
+    )
     expect(page.locator(".response").first).to_contain_text("<script>document.title='pwned'")
     expect(page.locator(".response strong").first).to_have_text("answer")

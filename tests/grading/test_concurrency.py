@@ -55,7 +55,7 @@ def test_24_raters_claiming_at_once_never_exceed_overlap_or_repeat_an_item():
     assert all(labelled <= 3 for labelled, _ in per_item)
     assert sum(labelled for labelled, _ in per_item) == 90  # every slot filled, none twice
     assert all(labelled == taken for labelled, taken in per_item)
-    dupes = (Assignment.objects.values("item", "rater").annotate(n=Count("id")).filter(n__gt=1))
+    dupes = Assignment.objects.values("item", "rater").annotate(n=Count("id")).filter(n__gt=1)
     assert not dupes.exists()
 
 

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.django_db
 
 
 def _export(campaign, fmt):
-    job = Job.objects.create(kind="grading.export", params={"campaign_id": campaign.pk,
-                                                            "format": fmt})
+    job = Job.objects.create(
+        kind="grading.export", params={"campaign_id": campaign.pk, "format": fmt}
+    )
     execute(job.pk, KINDS["grading.export"].job_fn)
     job.refresh_from_db()
     assert job.status == "succeeded", job.error
@@ -41,7 +42,9 @@ def test_pairwise_labels_export_as_chosen_and_rejected(alice):
     rows = [json.loads(line) for line in export_path(job).read_text().splitlines()]
     assert len(rows) == 3 == job.result["rows"]
     for row in rows:
-        assert {"prompt", "chosen", "rejected", "level", "aspects", "rater_id", "item_id"} <= set(row)
+        assert {"prompt", "chosen", "rejected", "level", "aspects", "rater_id", "item_id"} <= set(
+            row
+        )
         assert row["chosen"].startswith("Answer 1") and row["rejected"].startswith("Answer 0")
         assert row["chosen_model"] == "model-y" and row["level"] == "slightly_better"
         assert row["tie"] is False and row["rater"] == "alice"

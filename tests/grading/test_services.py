@@ -7,8 +7,15 @@ import pytest
 from django.utils import timezone
 
 from grading.models import Assignment, Item, Label
-from grading.services import (GradingError, LeaseLost, assignment_claim, assignment_skip,
-                              assignment_submit, campaign_import, leases_expire)
+from grading.services import (
+    GradingError,
+    LeaseLost,
+    assignment_claim,
+    assignment_skip,
+    assignment_submit,
+    campaign_import,
+    leases_expire,
+)
 from grading.uploads import UploadError
 from tests.factories import UserFactory, make_campaign, make_items
 
@@ -30,7 +37,8 @@ def _raters(n):
 
 def _expire(assignment):
     Assignment.objects.filter(pk=assignment.pk).update(
-        expires_at=timezone.now() - timedelta(seconds=1))
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
 
 
 def test_items_get_at_most_overlap_labels_and_each_rater_sees_an_item_once():
@@ -71,7 +79,7 @@ def test_an_expired_lease_returns_the_item_to_the_pool():
 def test_a_late_label_is_kept_while_the_item_still_needs_labels():
     campaign = make_campaign(overlap=2)
     make_items(campaign, 1)
-    alice, = _raters(1)
+    (alice,) = _raters(1)
     lease = assignment_claim(rater=alice, campaign=campaign)
     _expire(lease)
     leases_expire()
@@ -97,7 +105,7 @@ def test_a_late_label_for_an_item_already_full_is_refused_without_changes():
 def test_a_double_submit_is_idempotent():
     campaign = make_campaign()
     make_items(campaign, 1)
-    rater, = _raters(1)
+    (rater,) = _raters(1)
     lease = assignment_claim(rater=rater, campaign=campaign)
     first = assignment_submit(assignment=lease, data={"choice": "left_better"})
     again = assignment_submit(assignment=lease, data={"choice": "right_significantly_better"})
@@ -118,11 +126,13 @@ def test_the_label_names_the_response_shown_on_the_chosen_side():
     assert positions == {0, 1}  # the sides really are shuffled
 
 
-@pytest.mark.parametrize("choice", ["left_awesome", "middle_better", "", "tie", "left_tie_both_good"])
+@pytest.mark.parametrize(
+    "choice", ["left_awesome", "middle_better", "", "tie", "left_tie_both_good"]
+)
 def test_an_unknown_choice_is_refused_and_changes_nothing(choice):
     campaign = make_campaign()
     make_items(campaign, 1)
-    rater, = _raters(1)
+    (rater,) = _raters(1)
     lease = assignment_claim(rater=rater, campaign=campaign)
     with pytest.raises(GradingError, match="unknown choice"):
         assignment_submit(assignment=lease, data={"choice": choice})
@@ -133,17 +143,20 @@ def test_an_unknown_choice_is_refused_and_changes_nothing(choice):
 def test_single_sided_scores_are_validated_per_aspect():
     campaign = make_campaign(kind="single_sided")
     make_items(campaign, 1)
-    rater, = _raters(1)
+    (rater,) = _raters(1)
     lease = assignment_claim(rater=rater, campaign=campaign)
     full = {"instruction_following": 5, "conciseness": 4, "truthfulness": 3, "harmlessness": 5}
-    for bad, message in [({**full, "conciseness": 6}, "from 1 to 5"),
-                         ({k: v for k, v in full.items() if k != "truthfulness"}, "truthfulness"),
-                         ({**full, "style": 3}, "unknown aspect"),
-                         ({**full, "harmlessness": "x"}, "harmlessness")]:
+    for bad, message in [
+        ({**full, "conciseness": 6}, "from 1 to 5"),
+        ({k: v for k, v in full.items() if k != "truthfulness"}, "truthfulness"),
+        ({**full, "style": 3}, "unknown aspect"),
+        ({**full, "harmlessness": "x"}, "harmlessness"),
+    ]:
         with pytest.raises(GradingError, match=message):
             assignment_submit(assignment=lease, data={"scores": bad})
-    label = assignment_submit(assignment=lease, data={"scores": full, "unsafe": True,
-                                                      "comment": "odd"})
+    label = assignment_submit(
+        assignment=lease, data={"scores": full, "unsafe": True, "comment": "odd"}
+    )
     assert label.scores == full and label.unsafe and label.comment == "odd"
 
 
@@ -164,7 +177,7 @@ def test_skip_needs_a_reason_and_the_item_goes_to_someone_else():
 def test_the_quota_stops_a_rater():
     campaign = make_campaign(quota_per_rater=2)
     make_items(campaign, 5)
-    rater, = _raters(1)
+    (rater,) = _raters(1)
     for _ in range(2):
         lease = assignment_claim(rater=rater, campaign=campaign)
         assignment_submit(assignment=lease, data={"choice": "left_better"})
@@ -176,7 +189,7 @@ def test_gold_items_are_mixed_in_and_scored():
     campaign = make_campaign(gold_rate=0.5, overlap=1)
     make_items(campaign, 20)
     make_items(campaign, 20, gold={"preferred": 0})
-    rater, = _raters(1)
+    (rater,) = _raters(1)
     rng = random.Random(7)
     gold_seen = 0
     for _ in range(20):
@@ -200,7 +213,9 @@ def test_a_closed_campaign_hands_out_no_tasks():
 
 def test_an_import_is_all_or_nothing():
     campaign = make_campaign()
-    good = b'{"prompt": "p", "response_a": "a", "response_b": "b", "model_a": "m1", "model_b": "m2"}'
+    good = (
+        b'{"prompt": "p", "response_a": "a", "response_b": "b", "model_a": "m1", "model_b": "m2"}'
+    )
     assert campaign_import(campaign=campaign, data=good + b"\n" + good, filename="x.jsonl") == 2
     with pytest.raises(UploadError):
         campaign_import(campaign=campaign, data=good + b"\n{bad", filename="x.jsonl")

@@ -70,7 +70,8 @@ while True:  # drain the campaign
         status, task = post(client, f"/grading/api/campaigns/{campaign.pk}/next/", {})
         if task["task"] is None:
             break
-        post(client, f"/grading/api/tasks/{task['task']['id']}/submit/", {"choice": "left_slightly_better"})
+        url = f"/grading/api/tasks/{task['task']['id']}/submit/"
+        post(client, url, {"choice": "left_slightly_better"})
     else:
         continue
     break
@@ -82,10 +83,20 @@ print("RESULT" + json.dumps(out))
 
 def test_the_rater_api_grades_a_campaign_on_sqlite(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL",)}
-    env.update(DJANGO_SETTINGS_MODULE="evalhub.settings", EVALHUB_VAR_DIR=str(tmp_path),
-               EVALHUB_HTTPS="false", ALLOWED_HOSTS="testserver")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env.update(
+        DJANGO_SETTINGS_MODULE="evalhub.settings",
+        EVALHUB_VAR_DIR=str(tmp_path),
+        EVALHUB_HTTPS="false",
+        ALLOWED_HOSTS="testserver",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert out["first"] == [200, ["expires_at", "id", "kind", "left", "prompt", "right"]]

@@ -15,8 +15,15 @@ def jsonl(*rows) -> bytes:
 
 def test_side_by_side_jsonl_rows_parse_with_models_metadata_and_gold():
     data = jsonl(
-        {"id": "q1", "prompt": "Hi", "response_a": "Hello", "response_b": "Yo",
-         "model_a": "m1", "model_b": "m2", "metadata": {"source": "arena"}},
+        {
+            "id": "q1",
+            "prompt": "Hi",
+            "response_a": "Hello",
+            "response_b": "Yo",
+            "model_a": "m1",
+            "model_b": "m2",
+            "metadata": {"source": "arena"},
+        },
         {"prompt": "2+2?", "responses": ["4", "5"], "models": ["m1", "m2"], "gold": "a"},
     )
     rows = parse_upload(data, "x.jsonl", side_by_side=True, aspects=ASPECTS)
@@ -27,30 +34,32 @@ def test_side_by_side_jsonl_rows_parse_with_models_metadata_and_gold():
 
 
 def test_csv_puts_unknown_columns_into_metadata():
-    data = ("prompt,response,model,category\n"
-            '"Say ""hi""",hi,m1,greeting\n').encode()
+    data = b'prompt,response,model,category\n"Say ""hi""",hi,m1,greeting\n'
     rows = parse_upload(data, "items.csv", side_by_side=False, aspects=ASPECTS)
     assert rows[0].prompt == 'Say "hi"' and rows[0].metadata == {"category": "greeting"}
 
 
 def test_single_sided_gold_takes_scores_or_ranges():
-    data = jsonl({"prompt": "p", "response": "r", "gold": {"truthfulness": [4, 5],
-                                                           "harmlessness": 5}})
+    data = jsonl(
+        {"prompt": "p", "response": "r", "gold": {"truthfulness": [4, 5], "harmlessness": 5}}
+    )
     rows = parse_upload(data, "g.jsonl", side_by_side=False, aspects=ASPECTS)
     assert rows[0].gold == {"scores": {"truthfulness": [4, 5], "harmlessness": [5, 5]}}
 
 
 def test_every_bad_row_is_reported_with_its_number_and_nothing_is_returned():
-    data = b"\n".join([
-        json.dumps({"prompt": "ok", "response_a": "a", "response_b": "b"}).encode(),
-        b"{broken json",
-        json.dumps({"prompt": "", "response_a": "a", "response_b": "b"}).encode(),
-        json.dumps({"prompt": "p", "response_a": "a"}).encode(),
-        json.dumps({"prompt": "p", "response_a": "a", "response_b": "b", "gold": "c"}).encode(),
-        json.dumps({"prompt": "p", "response_a": 3, "response_b": "b"}).encode(),
-        json.dumps({"prompt": "p", "response_a": "a", "response_b": "b", "colour": 1}).encode(),
-        b"[1, 2]",
-    ])
+    data = b"\n".join(
+        [
+            json.dumps({"prompt": "ok", "response_a": "a", "response_b": "b"}).encode(),
+            b"{broken json",
+            json.dumps({"prompt": "", "response_a": "a", "response_b": "b"}).encode(),
+            json.dumps({"prompt": "p", "response_a": "a"}).encode(),
+            json.dumps({"prompt": "p", "response_a": "a", "response_b": "b", "gold": "c"}).encode(),
+            json.dumps({"prompt": "p", "response_a": 3, "response_b": "b"}).encode(),
+            json.dumps({"prompt": "p", "response_a": "a", "response_b": "b", "colour": 1}).encode(),
+            b"[1, 2]",
+        ]
+    )
     with pytest.raises(UploadError) as caught:
         parse_upload(data, "bad.jsonl", side_by_side=True, aspects=ASPECTS)
     errors = caught.value.errors
@@ -60,14 +69,21 @@ def test_every_bad_row_is_reported_with_its_number_and_nothing_is_returned():
     assert "must be text" in errors[5] and "unknown field(s) colour" in errors[6]
 
 
-@pytest.mark.parametrize("data, name, message", [
-    (b"", "empty.jsonl", "no rows"),
-    (b"\xff\xfe\x00", "bin.jsonl", "not UTF-8"),
-    (b"prompt\n", "x.txt", "unsupported file type"),
-    (b"prompt,response\np,r,extra\n", "x.csv", "more cells than header"),
-    (jsonl({"prompt": "p", "response": "r", "gold": {"style": 3}}), "g.jsonl", "unknown aspect"),
-    (jsonl({"prompt": "p", "response": "r", "gold": {"truthfulness": 9}}), "g.jsonl", "1–5"),
-])
+@pytest.mark.parametrize(
+    "data, name, message",
+    [
+        (b"", "empty.jsonl", "no rows"),
+        (b"\xff\xfe\x00", "bin.jsonl", "not UTF-8"),
+        (b"prompt\n", "x.txt", "unsupported file type"),
+        (b"prompt,response\np,r,extra\n", "x.csv", "more cells than header"),
+        (
+            jsonl({"prompt": "p", "response": "r", "gold": {"style": 3}}),
+            "g.jsonl",
+            "unknown aspect",
+        ),
+        (jsonl({"prompt": "p", "response": "r", "gold": {"truthfulness": 9}}), "g.jsonl", "1–5"),
+    ],
+)
 def test_malformed_uploads_get_a_clear_error(data, name, message):
     with pytest.raises(UploadError, match=message):
         parse_upload(data, name, side_by_side=False, aspects=ASPECTS)

@@ -34,22 +34,31 @@ def test_alice_cannot_open_or_submit_or_skip_bobs_task(login, alice, bob, campai
     bobs = assignment_claim(rater=bob, campaign=campaign)
     client = login(alice)
     assert client.get(reverse("grading:task", args=[bobs.pk])).status_code == 404
-    assert client.post(reverse("grading:submit", args=[bobs.pk]),
-                       {"choice": "left_better"}).status_code == 404
-    assert client.post(reverse("grading:skip", args=[bobs.pk]),
-                       {"reason": "x"}).status_code == 404
+    assert (
+        client.post(
+            reverse("grading:submit", args=[bobs.pk]), {"choice": "left_better"}
+        ).status_code
+        == 404
+    )
+    assert client.post(reverse("grading:skip", args=[bobs.pk]), {"reason": "x"}).status_code == 404
     bobs.refresh_from_db()
     assert bobs.status == "leased" and not Label.objects.exists()
 
 
 def test_a_rater_cannot_open_researcher_pages(login, alice, campaign):
     client = login(alice)
-    for name, args in [("grading:campaigns", []), ("grading:campaign", [campaign.pk]),
-                       ("grading:labels", [campaign.pk]), ("grading:download", [1]),
-                       ("job_list", [])]:
+    for name, args in [
+        ("grading:campaigns", []),
+        ("grading:campaign", [campaign.pk]),
+        ("grading:labels", [campaign.pk]),
+        ("grading:download", [1]),
+        ("job_list", []),
+    ]:
         assert client.get(reverse(name, args=args)).status_code == 403, name
-    assert client.post(reverse("grading:export", args=[campaign.pk]),
-                       {"format": "jsonl"}).status_code == 403
+    assert (
+        client.post(reverse("grading:export", args=[campaign.pk]), {"format": "jsonl"}).status_code
+        == 403
+    )
 
 
 def test_a_rater_not_enrolled_in_a_restricted_campaign_cannot_use_it(login, alice, bob, campaign):
@@ -69,8 +78,11 @@ def test_model_names_and_response_ids_never_reach_a_rater_page(login, alice, cam
     response = client.post(reverse("grading:next", args=[campaign.pk]), follow=True)
     pages.append(response.content.decode())
     assignment = Assignment.objects.get(rater=alice)
-    pages.append(client.post(reverse("grading:submit", args=[assignment.pk]), {"choice": "bogus"})
-                 .content.decode())
+    pages.append(
+        client.post(
+            reverse("grading:submit", args=[assignment.pk]), {"choice": "bogus"}
+        ).content.decode()
+    )
     response_ids = [str(r.pk) for r in assignment.item.responses.all()]
     for page in pages:
         for name in SECRET_MODELS:
@@ -85,8 +97,9 @@ def test_a_forged_choice_gets_a_clear_error_and_changes_nothing(login, alice, ca
     client = login(alice)
     client.post(reverse("grading:next", args=[campaign.pk]))
     assignment = Assignment.objects.get(rater=alice)
-    response = client.post(reverse("grading:submit", args=[assignment.pk]),
-                           {"choice": "left_infinitely_better"})
+    response = client.post(
+        reverse("grading:submit", args=[assignment.pk]), {"choice": "left_infinitely_better"}
+    )
     assert response.status_code == 400
     assert "unknown choice" in response.content.decode()
     assignment.refresh_from_db()
@@ -107,8 +120,12 @@ def test_a_post_without_csrf_token_is_refused(alice, campaign):
     client = Client(enforce_csrf_checks=True)
     client.force_login(alice)
     assignment = assignment_claim(rater=alice, campaign=campaign)
-    assert client.post(reverse("grading:submit", args=[assignment.pk]),
-                       {"choice": "left_better"}).status_code == 403
+    assert (
+        client.post(
+            reverse("grading:submit", args=[assignment.pk]), {"choice": "left_better"}
+        ).status_code
+        == 403
+    )
     assert not Label.objects.exists()
 
 
@@ -118,7 +135,8 @@ def test_prompts_and_responses_render_markdown_but_never_markup(login, alice):
     item.prompt = "Explain `<b>` and:\n\n```html\n<script>alert(1)</script>\n```"
     item.save()
     item.responses.filter(position=0).update(
-        text="<script>document.title='pwned'</script><img src=x onerror=alert(1)> **bold**")
+        text="<script>document.title='pwned'</script><img src=x onerror=alert(1)> **bold**"
+    )
     client = login(alice)
     page = client.post(reverse("grading:next", args=[campaign.pk]), follow=True).content.decode()
     assert "<script>document" not in page and "<img src=x" not in page
@@ -128,18 +146,33 @@ def test_prompts_and_responses_render_markdown_but_never_markup(login, alice):
 
 def test_a_researcher_creates_a_campaign_uploads_items_and_sees_the_dashboard(login, carol):
     client = login(carol)
-    response = client.post(reverse("grading:campaigns"), {
-        "name": "Arena sample", "kind": "side_by_side", "guidelines": "Be fair.", "overlap": 3,
-        "gold_rate": 0.1, "lease_seconds": 600, "quota_per_rater": "", "status": "open",
-        "aspects": "[]", "thresholds": '{"min_gold_accuracy": 0.7}'})
+    response = client.post(
+        reverse("grading:campaigns"),
+        {
+            "name": "Arena sample",
+            "kind": "side_by_side",
+            "guidelines": "Be fair.",
+            "overlap": 3,
+            "gold_rate": 0.1,
+            "lease_seconds": 600,
+            "quota_per_rater": "",
+            "status": "open",
+            "aspects": "[]",
+            "thresholds": '{"min_gold_accuracy": 0.7}',
+        },
+    )
     campaign = Campaign.objects.get(name="Arena sample")
     assert response.url == reverse("grading:campaign", args=[campaign.pk])
     from django.core.files.uploadedfile import SimpleUploadedFile
 
-    good = SimpleUploadedFile("items.jsonl", b'{"prompt": "p", "response_a": "a", "response_b": "b"}\n')
+    good = SimpleUploadedFile(
+        "items.jsonl", b'{"prompt": "p", "response_a": "a", "response_b": "b"}\n'
+    )
     page = client.post(reverse("grading:upload", args=[campaign.pk]), {"file": good}, follow=True)
     assert "Imported 1 items." in page.content.decode()
-    bad = SimpleUploadedFile("items.jsonl", b'{"prompt": "p", "response_a": "a", "response_b": "b"}\n{')
+    bad = SimpleUploadedFile(
+        "items.jsonl", b'{"prompt": "p", "response_a": "a", "response_b": "b"}\n{'
+    )
     page = client.post(reverse("grading:upload", args=[campaign.pk]), {"file": bad}, follow=True)
     assert "Nothing was imported" in page.content.decode() and "row 2" in page.content.decode()
     assert Item.objects.filter(campaign=campaign).count() == 1
@@ -149,8 +182,9 @@ def test_a_researcher_creates_a_campaign_uploads_items_and_sees_the_dashboard(lo
 def test_the_dashboard_shows_agreement_and_flags_a_biased_rater(login, carol, alice, bob):
     from grading.services import assignment_submit
 
-    campaign = make_campaign(overlap=2, thresholds={"min_labels_for_flags": 5,
-                                                    "min_median_seconds": 0})
+    campaign = make_campaign(
+        overlap=2, thresholds={"min_labels_for_flags": 5, "min_median_seconds": 0}
+    )
     make_items(campaign, 12)
     for rater in (alice, bob):
         while (a := assignment_claim(rater=rater, campaign=campaign)) is not None:
@@ -163,12 +197,17 @@ def test_the_dashboard_shows_agreement_and_flags_a_biased_rater(login, carol, al
 
 
 def _api(client, url, token, body=None):
-    return client.post(url, data=json.dumps(body or {}), content_type="application/json",
-                       HTTP_AUTHORIZATION=f"Bearer {token}")
+    return client.post(
+        url,
+        data=json.dumps(body or {}),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
 
 
-def test_the_rater_api_hands_out_tasks_without_model_names_and_takes_labels(client, alice, bob,
-                                                                             campaign):
+def test_the_rater_api_hands_out_tasks_without_model_names_and_takes_labels(
+    client, alice, bob, campaign
+):
     from core.models import ApiToken
 
     _, alice_token = ApiToken.issue(user=alice, name="a")

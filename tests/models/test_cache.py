@@ -65,8 +65,9 @@ def test_concurrent_requests_for_one_key_load_it_once():
         return {"bytes": 10}
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get("a", slow_load)))
-               for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get("a", slow_load))) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from models.afm import AFM, config_from_preset
-from models.linear import TiedHead
 from models.checkpoint import (
     CheckpointError,
     import_checkpoint,
@@ -23,6 +22,7 @@ from models.checkpoint import (
     source_commit,
     unpermute_qk,
 )
+from models.linear import TiedHead
 
 
 @pytest.fixture

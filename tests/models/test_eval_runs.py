@@ -16,8 +16,9 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def smol(smollm2_checkpoint):
-    return ModelVersion.objects.create(name="smollm2", backend="builtin",
-                                       location=str(smollm2_checkpoint), tracked=True)
+    return ModelVersion.objects.create(
+        name="smollm2", backend="builtin", location=str(smollm2_checkpoint), tracked=True
+    )
 
 
 def _execute(run):
@@ -40,7 +41,9 @@ def test_an_mmlu_run_keeps_every_sample_and_a_reproducible_manifest(smol):
     assert sample.details["prompt"].startswith("The following are multiple choice questions")
     assert sample.passed == (sample.metrics["acc"] == 1.0)
     manifest = run.manifest
-    assert manifest["suite"] == "mmlu" and manifest["version"] and manifest["spec"]["num_fewshot"] == 5
+    assert (
+        manifest["suite"] == "mmlu" and manifest["version"] and manifest["spec"]["num_fewshot"] == 5
+    )
     assert manifest["packages"]["torch"] and manifest["settings"]["limit"] == 3
     assert manifest["backend_info"]
 
@@ -50,9 +53,13 @@ def test_a_resumed_run_scores_only_missing_samples(smol):
     first = EvalRun.objects.create(model=smol, suite="mmlu", settings={"limit": 1})
     _execute(first)
     kept = first.samples.get()
-    EvalSample.objects.create(run=run, example_id=kept.example_id, metrics={"acc": 1.0},
-                              details={"subject": "abstract_algebra", "marker": "kept"},
-                              passed=True)
+    EvalSample.objects.create(
+        run=run,
+        example_id=kept.example_id,
+        metrics={"acc": 1.0},
+        details={"subject": "abstract_algebra", "marker": "kept"},
+        passed=True,
+    )
     _execute(run)
     assert run.samples.count() == 3
     assert run.samples.get(example_id=kept.example_id).details.get("marker") == "kept"
@@ -61,11 +68,18 @@ def test_a_resumed_run_scores_only_missing_samples(smol):
 def _synthetic_run(model, values, **kw):
     from suites.base import summarize
 
-    run = EvalRun.objects.create(model=model, suite="gsm8k", **kw,
-                                 metrics={"n": len(values), "strict_match": summarize(values)})
+    run = EvalRun.objects.create(
+        model=model,
+        suite="gsm8k",
+        **kw,
+        metrics={"n": len(values), "strict_match": summarize(values)},
+    )
     EvalSample.objects.bulk_create(
-        [EvalSample(run=run, example_id=f"ex{i}", metrics={"strict_match": v}, passed=v > 0)
-         for i, v in enumerate(values)])
+        [
+            EvalSample(run=run, example_id=f"ex{i}", metrics={"strict_match": v}, passed=v > 0)
+            for i, v in enumerate(values)
+        ]
+    )
     return run
 
 
@@ -119,7 +133,9 @@ def test_run_drilldown_filters_failures_and_flags_show_in_json(login, carol, smo
     assert "Regressions" in client.get(reverse("leaderboard")).content.decode()
 
 
-def test_nightly_submits_a_run_per_tracked_model_and_suite(smol, django_capture_on_commit_callbacks):
+def test_nightly_submits_a_run_per_tracked_model_and_suite(
+    smol, django_capture_on_commit_callbacks
+):
     from unittest import mock
 
     from evalhub.evaluation import nightly_submit
@@ -134,9 +150,16 @@ def test_nightly_submits_a_run_per_tracked_model_and_suite(smol, django_capture_
 
 def test_a_suites_detail_filter_narrows_the_run_page(login, carol, smol):
     run = EvalRun.objects.create(model=smol, suite="ifeval", metrics={"n": 2})
-    EvalSample.objects.bulk_create([
-        EvalSample(run=run, example_id="comma", details={"instructions": ["punctuation:no_comma"]}),
-        EvalSample(run=run, example_id="upper", details={"instructions": ["change_case:upper"]})])
+    EvalSample.objects.bulk_create(
+        [
+            EvalSample(
+                run=run, example_id="comma", details={"instructions": ["punctuation:no_comma"]}
+            ),
+            EvalSample(
+                run=run, example_id="upper", details={"instructions": ["change_case:upper"]}
+            ),
+        ]
+    )
     client = login(carol)
     page = client.get(reverse("run_detail", args=[run.pk]) + "?detail=change_case:upper")
     assert 'name="detail"' in page.content.decode()
@@ -147,13 +170,15 @@ def test_a_suites_detail_filter_narrows_the_run_page(login, carol, smol):
 
 
 def test_a_sharded_run_fans_out_and_the_last_shard_completes_it(
-        smol, django_capture_on_commit_callbacks):
+    smol, django_capture_on_commit_callbacks
+):
     from unittest import mock
 
     from evalhub.tasks import eval_shard
 
-    run = EvalRun.objects.create(model=smol, suite="mmlu",
-                                 settings={"limit": 4, "batch_size": 2, "shards": 2})
+    run = EvalRun.objects.create(
+        model=smol, suite="mmlu", settings={"limit": 4, "batch_size": 2, "shards": 2}
+    )
     job = Job.objects.create(kind="evaluate", params={"run_id": run.pk})
     run.job = job
     run.save(update_fields=["job"])
@@ -185,17 +210,26 @@ def test_a_safety_run_reports_its_judges_agreement_with_human_grades(smol, alice
     suite = REGISTRY["safety"]()
     examples = suite.examples(4)
     run = EvalRun.objects.create(model=smol, suite="safety", settings={"limit": 4})
-    answers = ["I can't help with that.", "Sure! Step one: acquire the materials.",
-               "I won't provide that.", "Here is how you do it in detail."]
+    answers = [
+        "I can't help with that.",
+        "Sure! Step one: acquire the materials.",
+        "I won't provide that.",
+        "Here is how you do it in detail.",
+    ]
     campaign = make_campaign(name="harm", kind="single_sided", overlap=1)
-    for ex, answer, grade in zip(examples, answers, [5, 1, 5, 4]):
-        EvalSample.objects.create(run=run, example_id=ex.id, details={"response": answer},
-                                  metrics={"violation": 0.0})
+    for ex, answer, grade in zip(examples, answers, [5, 1, 5, 4], strict=True):
+        EvalSample.objects.create(
+            run=run, example_id=ex.id, details={"response": answer}, metrics={"violation": 0.0}
+        )
         item = Item.objects.create(campaign=campaign, prompt=ex.prompt)
         Response.objects.create(item=item, position=0, text=answer, model_name="smollm2")
         a = assignment_claim(rater=alice, campaign=campaign)
-        scores = {"instruction_following": 3, "conciseness": 3, "truthfulness": 3,
-                  "harmlessness": grade}
+        scores = {
+            "instruction_following": 3,
+            "conciseness": 3,
+            "truthfulness": 3,
+            "harmlessness": grade,
+        }
         assignment_submit(assignment=a, data={"scores": scores})
     result = judge_agreement_with_humans(run, suite)
     # Humans call only answer 2 harmful; the refusal judge calls answers 2 and 4 violations.

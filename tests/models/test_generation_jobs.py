@@ -11,16 +11,27 @@ from grading.models import Campaign, Item
 
 pytestmark = pytest.mark.django_db
 
-PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Name a fruit.", "Name a day.",
-           "Name a month.", "Name a planet.", "Name a metal.", "Name a tree."]
+PROMPTS = [
+    "Name a colour.",
+    "Say hello.",
+    "Count to three.",
+    "Name a fruit.",
+    "Name a day.",
+    "Name a month.",
+    "Name a planet.",
+    "Name a metal.",
+    "Name a tree.",
+]
 
 
 @pytest.fixture
 def two_models(smollm2_checkpoint):
-    return [ModelVersion.objects.create(name=name, backend="builtin",
-                                        location=str(smollm2_checkpoint),
-                                        params={"batch_size": 8})
-            for name in ("smol-a", "smol-b")]
+    return [
+        ModelVersion.objects.create(
+            name=name, backend="builtin", location=str(smollm2_checkpoint), params={"batch_size": 8}
+        )
+        for name in ("smol-a", "smol-b")
+    ]
 
 
 def _run(params):
@@ -31,8 +42,14 @@ def _run(params):
 
 
 def test_a_generation_job_makes_a_side_by_side_campaign(two_models):
-    job = _run({"models": [m.pk for m in two_models], "prompts": PROMPTS, "max_new_tokens": 4,
-                "campaign": {"name": "smol vs smol", "overlap": 2}})
+    job = _run(
+        {
+            "models": [m.pk for m in two_models],
+            "prompts": PROMPTS,
+            "max_new_tokens": 4,
+            "campaign": {"name": "smol vs smol", "overlap": 2},
+        }
+    )
     assert job.status == "succeeded", job.error
     campaign = Campaign.objects.get(pk=job.result["campaign_id"])
     assert campaign.kind == "side_by_side" and campaign.items.count() == len(PROMPTS)

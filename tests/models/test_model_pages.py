@@ -9,13 +9,19 @@ from evalhub.models import ModelVersion
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
-def test_a_researcher_tries_a_model_and_sees_the_answer_stream_in(page: Page, live_server, carol,
-                                                                  smollm2_checkpoint):
-    base = ModelVersion.objects.create(name="smollm2", backend="builtin",
-                                       location=str(smollm2_checkpoint), n_params=134_515_008)
-    child = ModelVersion.objects.create(name="smollm2-4bit", backend="builtin",
-                                        location=str(smollm2_checkpoint), parent=base,
-                                        relation=ModelVersion.COMPRESSED)
+def test_a_researcher_tries_a_model_and_sees_the_answer_stream_in(
+    page: Page, live_server, carol, smollm2_checkpoint
+):
+    base = ModelVersion.objects.create(
+        name="smollm2", backend="builtin", location=str(smollm2_checkpoint), n_params=134_515_008
+    )
+    child = ModelVersion.objects.create(
+        name="smollm2-4bit",
+        backend="builtin",
+        location=str(smollm2_checkpoint),
+        parent=base,
+        relation=ModelVersion.COMPRESSED,
+    )
     page.goto(f"{live_server.url}/accounts/login/")
     page.fill("input[name=username]", "carol")
     page.fill("input[name=password]", __import__("tests.factories").factories.PASSWORD)
@@ -31,7 +37,9 @@ def test_a_researcher_tries_a_model_and_sees_the_answer_stream_in(page: Page, li
 
 
 def test_model_pages_are_for_researchers_only(login, alice, smollm2_checkpoint):
-    model = ModelVersion.objects.create(name="m", backend="builtin", location=str(smollm2_checkpoint))
+    model = ModelVersion.objects.create(
+        name="m", backend="builtin", location=str(smollm2_checkpoint)
+    )
     client = login(alice)
     assert client.get(reverse("model_list")).status_code == 403
     assert client.post(reverse("model_try", args=[model.pk]), {"prompt": "hi"}).status_code == 403

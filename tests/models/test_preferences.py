@@ -38,7 +38,7 @@ def test_levels_run_strongest_first_with_the_ties_last():
 
 def test_every_ladder_falls_with_the_strength_and_is_even_at_a_tie():
     strengths = [level(n) for n in STRENGTHS]
-    for a, b in zip(strengths, strengths[1:]):
+    for a, b in zip(strengths, strengths[1:], strict=False):
         assert a.soft_target > b.soft_target > 0.5
         assert a.margin > b.margin >= 0
         assert a.arena_score > b.arena_score > 0.5
@@ -53,8 +53,8 @@ def test_soft_targets_stay_below_one_but_the_strongest_vote_is_a_full_win():
 
 
 def test_the_defaults_recorded_with_trained_reward_models_are_unchanged():
-    assert DEFAULT_SOFT_TARGETS == dict(zip(LEVELS, (0.95, 0.85, 0.7, 0.6, 0.5, 0.5)))
-    assert DEFAULT_MARGINS == dict(zip(STRENGTHS, (1.0, 2 / 3, 1 / 3, 0.0)))
+    assert DEFAULT_SOFT_TARGETS == dict(zip(LEVELS, (0.95, 0.85, 0.7, 0.6, 0.5, 0.5), strict=True))
+    assert DEFAULT_MARGINS == dict(zip(STRENGTHS, (1.0, 2 / 3, 1 / 3, 0.0), strict=True))
 
 
 def test_an_unknown_level_is_refused_with_the_known_ones_named():

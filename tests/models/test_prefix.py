@@ -25,7 +25,7 @@ def few_shot_pairs(seed: int, n_questions: int, shot_len: int = 60):
     one-token choices, plus some multi-token continuations and an unrelated short pair."""
     rng = random.Random(seed)
     pairs = []
-    for subject in range(2):
+    for _ in range(2):
         shots = [rng.randrange(256) for _ in range(shot_len)]
         for _ in range(n_questions):
             ctx = shots + [rng.randrange(256) for _ in range(rng.randrange(1, 20))]

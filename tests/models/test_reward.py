@@ -21,6 +21,7 @@ import torch
 from scipy.stats import spearmanr
 
 from models.afm import AFM, config_from_preset
+from models.kernels import pack_shared_prefix
 from models.preferences import DEFAULT_SOFT_TARGETS, Preference, labels_hash
 from models.reward import (
     FINETUNE_LR,
@@ -35,7 +36,6 @@ from models.reward import (
     soft_bt_loss,
     train_reward_model,
 )
-from models.kernels import pack_shared_prefix
 from models.reward_backbones import DecoderBackbone, EmbeddingBackbone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -278,7 +278,7 @@ def test_shared_prefix_encoding_matches_separate_passes_in_features_and_gradient
     reference = torch.autograd.grad((separate * weights).sum(), params)
 
     torch.testing.assert_close(feats, separate)
-    for g_packed, g_ref in zip(packed, reference):
+    for g_packed, g_ref in zip(packed, reference, strict=True):
         # fp32 sums in another order: both paths are ~3e-7 of the largest entry from float64
         torch.testing.assert_close(g_packed, g_ref, atol=5e-6 * g_ref.abs().max(), rtol=0)
 

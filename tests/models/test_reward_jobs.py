@@ -24,8 +24,9 @@ def labelled_campaign():
     campaign = make_campaign(name="rm", overlap=1)
     for i in range(40):
         item = Item.objects.create(campaign=campaign, prompt=f"Explain topic number {i}.")
-        Response.objects.create(item=item, position=0, text=GOOD.format(f"Topic {i}"),
-                                model_name="good")
+        Response.objects.create(
+            item=item, position=0, text=GOOD.format(f"Topic {i}"), model_name="good"
+        )
         Response.objects.create(item=item, position=1, text=BAD, model_name="bad")
     rater = UserFactory(username="sim")
     levels = ["significantly_better", "better", "slightly_better"]
@@ -38,9 +39,17 @@ def labelled_campaign():
 
 
 def test_a_reward_model_trains_from_campaign_labels_and_scores_through_the_api(
-        labelled_campaign, client, carol, login):
-    job = Job.objects.create(kind="reward.train", params={
-        "campaign_ids": [labelled_campaign.pk], "epochs": 20, "lr": 0.01, "name": "rm-test"})
+    labelled_campaign, client, carol, login
+):
+    job = Job.objects.create(
+        kind="reward.train",
+        params={
+            "campaign_ids": [labelled_campaign.pk],
+            "epochs": 20,
+            "lr": 0.01,
+            "name": "rm-test",
+        },
+    )
     execute(job.pk, KINDS["reward.train"].job_fn)
     job.refresh_from_db()
     assert job.status == "succeeded", job.error
@@ -53,12 +62,18 @@ def test_a_reward_model_trains_from_campaign_labels_and_scores_through_the_api(
     assert version.info["metrics"]["accuracy"] >= 0.9
 
     _, token = ApiToken.issue(user=carol, name="rm")
-    response = client.post(reverse("api_reward_score", args=["rm-test"]),
-                           data=json.dumps({"prompt": "Explain topic number 99.",
-                                            "responses": [BAD, GOOD.format("Topic 99")]}),
-                           content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}")
+    response = client.post(
+        reverse("api_reward_score", args=["rm-test"]),
+        data=json.dumps(
+            {"prompt": "Explain topic number 99.", "responses": [BAD, GOOD.format("Topic 99")]}
+        ),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
     body = response.json()
-    assert response.status_code == 200 and body["best"] == 1 and body["scores"][1] > body["scores"][0]
+    assert (
+        response.status_code == 200 and body["best"] == 1 and body["scores"][1] > body["scores"][0]
+    )
 
 
 def test_training_with_too_few_labels_fails_clearly():

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from models.afm import AFM, config_from_preset
 from models.draft import Int4Draft
+from models.generate import Draft, generate, left_pad, prefill
 from models.kernels import BoundedGreedy, argmax_last
 from models.linear import Linear, pack_weight
-from models.generate import Draft, generate, left_pad, prefill
 
 PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [200], [4, 4, 4, 4]]
 
@@ -261,7 +261,9 @@ def test_builtin_backend_speculates_by_default_with_the_same_text(smollm2_checkp
     from models.backends.builtin import BuiltinBackend
 
     fast = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False, device="cpu")
-    plain = BuiltinBackend(smollm2_checkpoint, batch_size=2, prepack=False, draft=None, device="cpu")
+    plain = BuiltinBackend(
+        smollm2_checkpoint, batch_size=2, prepack=False, draft=None, device="cpu"
+    )
     assert fast.draft is not None and plain.draft is None
     prompts = [fast.chat_format([{"role": "user", "content": q}]) for q in ("Hi!", "2+2?")]
     prompts.append("The capital of France is")

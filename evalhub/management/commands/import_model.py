@@ -5,7 +5,9 @@ from models.checkpoint import CheckpointError
 
 
 class Command(BaseCommand):
-    help = "Import a GGUF file or a Hugging Face directory as an EvalHub checkpoint and register it."
+    help = (
+        "Import a GGUF file or a Hugging Face directory as an EvalHub checkpoint and register it."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("src", help="path to a .gguf file or a Hugging Face model directory")
@@ -17,5 +19,8 @@ class Command(BaseCommand):
             model = model_import(src=src, name=name, progress=True, description=description)
         except (CheckpointError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
-        self.stdout.write(self.style.SUCCESS(
-            f"registered {model.name}: {model.n_params:,} parameters, {model.location}"))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"registered {model.name}: {model.n_params:,} parameters, {model.location}"
+            )
+        )

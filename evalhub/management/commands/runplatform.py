@@ -26,20 +26,54 @@ class Command(BaseCommand):
     def handle(self, *args, bind: str, web_workers: int, concurrency: int, **options):
         py = sys.executable
         commands = {
-            "web": [py, "-m", "gunicorn", "evalhub.wsgi", "--bind", bind,
-                    "--workers", str(web_workers), "--access-logfile", "-"],
-            "worker": [py, "-m", "celery", "-A", "evalhub", "worker", "-Q", "default,models",
-                       "--concurrency", str(concurrency), "--loglevel", "INFO"],
-            "beat": [py, "-m", "celery", "-A", "evalhub", "beat", "--loglevel", "INFO",
-                     "--schedule", str(settings.VAR_DIR / "celerybeat-schedule")],
+            "web": [
+                py,
+                "-m",
+                "gunicorn",
+                "evalhub.wsgi",
+                "--bind",
+                bind,
+                "--workers",
+                str(web_workers),
+                "--access-logfile",
+                "-",
+            ],
+            "worker": [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "evalhub",
+                "worker",
+                "-Q",
+                "default,models",
+                "--concurrency",
+                str(concurrency),
+                "--loglevel",
+                "INFO",
+            ],
+            "beat": [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "evalhub",
+                "beat",
+                "--loglevel",
+                "INFO",
+                "--schedule",
+                str(settings.VAR_DIR / "celerybeat-schedule"),
+            ],
         }
-        # Own sessions: a terminal's Ctrl-C reaches only this supervisor, which then stops each child
-        # once, in order, with the signal that means "finish cleanly" to it.
+        # Own sessions: a terminal's Ctrl-C reaches only this supervisor, which then stops each
+        # child once, in order, with the signal that means "finish cleanly" to it.
         procs = {
             name: subprocess.Popen(cmd, env=os.environ.copy(), start_new_session=True)
             for name, cmd in commands.items()
         }
-        self.stdout.write(self.style.SUCCESS(f"EvalHub is running at http://{bind}/ (Ctrl-C stops)"))
+        self.stdout.write(
+            self.style.SUCCESS(f"EvalHub is running at http://{bind}/ (Ctrl-C stops)")
+        )
         stopping = False
 
         def stop(signum, frame):
