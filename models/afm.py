@@ -49,7 +49,6 @@ from models.kernels import (
     argmax_last,
     elementwise,
     rms_norm,
-    rope,
 )
 from models.linear import Linear, Projection, TiedHead
 
@@ -136,8 +135,8 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Ten
 
     Frequencies are computed exactly as Hugging Face Llama does (fp32 inverse frequencies times
     fp32 positions), so positions match transformers bit for bit. ``sin`` carries the minus sign
-    of "rotate half" on its first half, which lets ``apply_rope`` use one ``roll`` instead of
-    slice/negate/concatenate.
+    of "rotate half" on its first half, which lets ``models.kernels.rope`` use one ``roll``
+    instead of slice/negate/concatenate.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     t = torch.arange(max_seq_len, dtype=torch.int64).float()
@@ -146,11 +145,6 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Ten
     sin = emb.sin()
     sin[:, : head_dim // 2] *= -1
     return emb.cos(), sin
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (..., heads, hd); cos/sin: (..., 1, hd). Equals HF's q*cos + rotate_half(q)*sin."""
-    return rope(x, cos, sin)
 
 
 class RMSNorm(nn.Module):
