@@ -14,9 +14,10 @@ What the engine does (``BuiltinBackend``'s defaults):
   few-row matmuls 2-3x slower than oneDNN on a prepacked weight: SmolLM2's block matmuls for
   8 rows took 152 against 48 ms, for one row 102 against 46 ms (on a slow day of the shared
   machine). Both accumulate in fp32; only the summation order differs.
-- One flat loop per decoding step (``AFM.step``) and attention as two small matmuls
-  (``models.afm.attend``) instead of SDPA's flash kernel, which is built for long query
-  blocks: ~10% of a batch-8 step.
+- Decoding steps in the (B,) layout (``AFM.step``: the model's blocks with
+  ``models.kernels.StepAttention``, no token axis, no module-call overhead per block) and
+  attention as two small matmuls (``models.kernels.attend``) instead of SDPA's flash kernel,
+  which is built for long query blocks: ~10% of a batch-8 step.
 - Speculative greedy decoding (``models.generate.Draft``) when a pass gets at least 4
   proposals per prompt. The draft is the same model with int4 block weights and an int4
   output head that shortlists 16 tokens for an exact fp32 rescoring
