@@ -232,8 +232,10 @@ class SwiGLU(nn.Module):
 
 
 # A block's four projections as ``Block.forward`` takes them to run in place of its own:
-# (wqkv, wo, w13, w2), each a ``models.linear.Projection`` (the int4 draft passes its copies).
-Projections = tuple[Projection, Projection, Projection, Projection]
+# (wqkv, wo, w13, w2), each called as ``f(x)`` (``wqkv(x, rows=...)`` too with ``keep``): a
+# ``models.linear.Projection``, or the int4 draft's unchecked ``Int4Linear.multiply``.
+StepProjection = Callable[..., torch.Tensor]
+Projections = tuple[StepProjection, StepProjection, StepProjection, StepProjection]
 
 
 class Block(nn.Module):
@@ -300,6 +302,10 @@ class Block(nn.Module):
 
 
 class AFM(nn.Module):
+    # (max_seq_len, hd) RoPE buffers from __init__, declared so they read as tensors
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: AFMConfig):
         super().__init__()
         self.cfg = cfg

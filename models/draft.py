@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from models.afm import AFM, KVCache
+from models.afm import AFM, Block, KVCache, Projections
 from models.linear import Int4Linear, Projection
 
 
@@ -57,14 +57,19 @@ class Int4Draft:
     def __init__(self, model: AFM, group_size: int = 32):
         self.model = model
 
-        self.copies = [
-            tuple(Int4Linear(p, group_size) for p in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2))
-            for b in model.blocks
-        ]
+        self.copies: list[tuple[Int4Linear, Int4Linear, Int4Linear, Int4Linear]] = []
+        for b in model.blocks:
+            assert isinstance(b, Block)  # an nn.ModuleList's items are typed as plain Modules
+            a, m = b.attn, b.mlp
+            wqkv, wo, w13, w2 = (Int4Linear(p, group_size) for p in (a.wqkv, a.wo, m.w13, m.w2))
+            self.copies.append((wqkv, wo, w13, w2))
         self.head = ShortlistHead(model.lm_head, group_size)
         # What AFM.step runs: the copies' unchecked ``multiply`` (``refresh`` checks them once per
         # generation instead of once per call), bound methods rather than module calls.
-        self.layers = [tuple(c.multiply for c in copies) for copies in self.copies]
+        self.layers: list[Projections] = [
+            (wqkv.multiply, wo.multiply, w13.multiply, w2.multiply)
+            for wqkv, wo, w13, w2 in self.copies
+        ]
 
     def refresh(self) -> None:
         """Rebuild every int4 copy whose fp32 weight changed (a training step, a reload):

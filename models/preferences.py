@@ -126,8 +126,10 @@ def _row_preference(row: dict) -> Preference:
     aspects = row.get("aspects") or {}
     if not isinstance(aspects, dict) or not set(aspects) <= {"chosen", "rejected"}:
         raise ValueError("aspects must be {} or {'chosen': {...}, 'rejected': {...}}")
-    texts = [_as_text(row[k]) for k in ("prompt", "chosen", "rejected")]
-    return Preference(*texts, name, aspects.get("chosen", {}), aspects.get("rejected", {}))
+    prompt, chosen, rejected = (_as_text(row[k]) for k in ("prompt", "chosen", "rejected"))
+    return Preference(
+        prompt, chosen, rejected, name, aspects.get("chosen", {}), aspects.get("rejected", {})
+    )
 
 
 def load_preferences_jsonl(path: str | os.PathLike) -> list[Preference]:

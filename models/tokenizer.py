@@ -33,6 +33,9 @@ class TextTokenizer(Protocol):
         self, messages: list[dict], *, add_generation_prompt: bool = True
     ) -> str: ...
 
+    @property
+    def chat_template(self) -> str | None: ...
+
 
 class Tokenizer:
     """A checkpoint's Hugging Face fast tokenizer behind a small, stable interface.

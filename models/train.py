@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.afm import AFM
 from models.checkpoint import default_device
 
 # loss_fn's result: the mean loss over the given examples, optionally with float metrics.
@@ -300,7 +301,7 @@ def _save_checkpoint(model, params, opt, state: TrainState, config, n_examples) 
     data position, metrics and config (train.json). Process 0 writes, into a ``.partial``
     sibling renamed into place, so a crash never leaves a half-written checkpoint."""
     rank, world = _rank_world()
-    rngs = [None] * world
+    rngs: list[dict | None] = [None] * world
     if world > 1:
         dist.all_gather_object(rngs, _rng_state())
     else:
@@ -387,7 +388,7 @@ def pack_completions(
 
 
 def sequence_logprobs(
-    model: nn.Module,
+    model: AFM,
     input_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     attention_mask: torch.Tensor | None = None,

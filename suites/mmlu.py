@@ -110,7 +110,7 @@ def parse_cot_exemplars(subject: str, text: str) -> list[MMLUExample]:
                 (a, b, c, d),
                 LETTERS.index(answers[-1]),
             )
-        )  # type: ignore[arg-type]
+        )
     return out
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from models.tokenizer import TextTokenizer
 
 
 class BackendError(Exception):
@@ -61,7 +64,7 @@ class TokenBackend:
     ``_generate_ids`` and ``_loglikelihood_ids``.
     """
 
-    tokenizer: object
+    tokenizer: TextTokenizer
 
     def _generate_ids(
         self, prompts: list[list[int]], args: GenerationArgs, should_stop
@@ -104,6 +107,8 @@ class TokenBackend:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
         tok = self.tokenizer
         if not context:
+            if tok.eos_token_id is None:
+                raise BackendError("an empty context needs an end-of-text token to score after")
             return [tok.eos_token_id], tok.encode(continuation)
         whole = tok.encode(context + continuation)
         ctx = tok.encode(context)

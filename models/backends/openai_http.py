@@ -16,10 +16,14 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import httpx
 
 from models.backends.base import BackendError, GenerationArgs, cut_at_stop
+
+if TYPE_CHECKING:
+    from models.tokenizer import TextTokenizer
 
 
 class OpenAIHTTPBackend:
@@ -63,7 +67,7 @@ class OpenAIHTTPBackend:
             limits=httpx.Limits(max_connections=concurrency),
         )
         self._chat_template_from = chat_template_from
-        self._tokenizer = None
+        self._tokenizer: TextTokenizer | None = None
 
     # ------------------------------------------------------------------------- transport
     def _post(self, path: str, body: dict) -> dict:
@@ -205,10 +209,11 @@ def score_echo(
         raise BackendError("echoed tokens do not reach the continuation")
     total, greedy = 0.0, True
     for i in range(start, len(tokens)):
-        if logprobs[i] is None:
+        lp = logprobs[i]
+        if lp is None:
             raise BackendError("continuation starts at the first token; add context")
-        total += logprobs[i]
+        total += lp
         candidates = top[i] or {}
-        if candidates and max(candidates, key=candidates.get) != tokens[i]:
+        if candidates and max(candidates, key=lambda t: candidates[t]) != tokens[i]:
             greedy = False
     return total, greedy

@@ -173,7 +173,7 @@ class BFCL(Suite[BFCLExample]):
             decoded = json.dumps(ast_check.decode_calls(text), default=repr)
         except ast_check.ParseError:
             decoded = ""
-        details = {
+        details: dict[str, Any] = {
             "category": ex.category,
             "output": text,
             "error_type": result.error_type,

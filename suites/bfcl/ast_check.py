@@ -240,6 +240,7 @@ def _type_ok(
     if type(value) is expected:
         if nested is None:
             return True, is_variable
+        assert isinstance(value, list)  # element types come with "array"/"tuple", both lists
         for item in allowed:  # each element must fit at least one possible answer's types
             if type(item) is not list or all(_type_ok(v, item, nested, None)[0] for v in value):
                 return True, is_variable
