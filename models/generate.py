@@ -7,9 +7,9 @@ Speed on CPU comes from doing little per step: one preallocated ``KVCache`` for 
 ``torch.inference_mode``, fused projections in the model, logits only for the last position
 of the prompt, no mask at all when a batch has no padding, decoding steps in a layout without
 the token axis (``AFM.step``) with attention as two small matmuls (``models.kernels.attend``),
-a vectorised argmax (``argmax_last``), and (opt-in, ``AFM.prepack``) weights prepacked for oneDNN, whose CPU
-matmuls are 2-3x faster than torch's default for decoding on AMD EPYC. What is left is
-memory traffic: a decoding step reads every weight once, so fp32 single-stream speed is
+a vectorised argmax (``argmax_last``), and (opt-in, ``AFM.prepack``) weights prepacked for
+oneDNN, whose CPU matmuls are 2-3x faster than torch's default for decoding on AMD EPYC. What
+is left is memory traffic: a decoding step reads every weight once, so fp32 single-stream speed is
 bounded by memory bandwidth (see benchmarks/generate_speed.py). Greedy decoding gets past
 that bound by speculation (``Draft``): an int4 copy of the model proposes tokens and one
 fp32 pass checks many of them, with the fp32 model's own tokens as the result. Batches big
