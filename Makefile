@@ -12,7 +12,7 @@ TEST_ENV := DATABASE_URL=$${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:543
 	CELERY_BROKER_URL=$${TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	EVALHUB_VAR_DIR=$(CURDIR)/var/test EVALHUB_HTTPS=false EVALHUB_MANIFEST_STATIC=false
 
-.PHONY: run test lint install
+.PHONY: run test test-fast lint install
 
 install: $(STAMP)
 
@@ -37,3 +37,7 @@ lint: $(STAMP)
 
 test: lint
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-run loop: no lint, no tests marked slow (model training).
+test-fast: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
