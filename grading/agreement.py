@@ -245,7 +245,8 @@ def rater_stats(
     majority = majority or {}
     return {
         rid: _stats_of(seconds[g], left[g], gold[g], majority.get(rid, math.nan))
-        for rid, g in zip(rater_ids, groups, strict=True)
+        # not strict: with no records np.split still returns one (empty) group
+        for rid, g in zip(rater_ids, groups, strict=False)
     }
 
 

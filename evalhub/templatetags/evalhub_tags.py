@@ -69,7 +69,7 @@ def curve_plot(curve, width: int = 640, height: int = 180):
     points = " ".join(
         f"{40 + (width - 50) * (s - s0) / max(s1 - s0, 1):.1f},"
         f"{10 + (height - 30) * (1 - (v - lo) / ((hi - lo) or 1)):.1f}"
-        for s, v in zip(steps, losses, strict=True)
+        for s, v in zip(steps, losses, strict=False)  # a curve being written may be uneven
     )
     return format_html(
         '<svg class="plot" width="{}" height="{}" role="img" aria-label="loss curve">'
