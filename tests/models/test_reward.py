@@ -161,6 +161,7 @@ def test_training_recovers_the_true_ordering_on_held_out_prompts():
     assert report.soft_targets == DEFAULT_SOFT_TARGETS and report.labels_hash == labels_hash(train)
 
 
+@pytest.mark.slow
 def test_soft_labels_beat_hard_labels_on_held_out_accuracy_at_equal_data():
     # 150 graded pairs in a 72-dimensional feature space, a quarter of them ties or
     # "negligibly better": hard BT throws the ties away and treats a coin-flip "negligibly"

@@ -222,6 +222,7 @@ def _data_parallel_worker(rank: int, world: int, port: int, config: TrainConfig,
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_the_weights_of_one_process_on_the_same_global_batch(tmp_path):
     config = replace(BASE, batch_size=6, epochs=1, accumulation=2)  # 3 per process, uneven
     mp.spawn(
