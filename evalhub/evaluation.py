@@ -4,13 +4,8 @@ between suites (nightly sample, judges, drilldown filters) is an attribute of th
 The Celery side (the job, the shard fan-out) is in ``evalhub/tasks.py``, which imports this
 module; this module never imports it."""
 
-import os
 import platform
-import subprocess
-from importlib import metadata
-from pathlib import Path
 
-from django.conf import settings
 from django.db import transaction
 
 from core.jobs import JobError, job_submit
@@ -19,6 +14,7 @@ from evalhub.models import EvalRun, EvalSample, ModelVersion
 from evalhub.registry import backend_for
 from grading.quality import single_sided_grades
 from models.backends import BackendError
+from models.provenance import package_versions, source_commit
 from suites import REGISTRY
 from suites.base import GenerateRequest, SampleResult
 from suites.runner import run_suite
@@ -206,37 +202,15 @@ def _sample(run: EvalRun, suite, r: SampleResult) -> EvalSample:
 
 def manifest(run: EvalRun, meta: dict, backend) -> dict:
     """Everything that changes the numbers, so the run can be reproduced."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {
         **meta,
         "settings": run.settings,
         "model": run.model.name,
         "backend_info": backend.info(),
-        "packages": versions,
+        "packages": package_versions(PACKAGES),
         "python": platform.python_version(),
         "source_commit": source_commit(),
     }
-
-
-def source_commit() -> str | None:
-    if os.environ.get("EVALHUB_COMMIT"):
-        return os.environ["EVALHUB_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(settings.BASE_DIR),
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() or None
 
 
 def compare_runs(a: EvalRun, b: EvalRun, metric: str) -> dict:

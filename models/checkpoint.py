@@ -39,8 +39,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +49,14 @@ from tqdm import tqdm
 
 from models.afm import AFM, AFMConfig, rope_tables
 from models.backends.base import BackendError
+from models.provenance import package_versions, source_commit
 
 FORMAT = "evalhub-afm"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CHECKPOINT_PACKAGES = ("torch", "transformers", "evalhub")  # the packages that shape a checkpoint
 
 
 class CheckpointError(BackendError):
@@ -285,34 +285,6 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def source_commit() -> str | None:
-    """``git rev-parse HEAD`` of the checkout this module runs from; None when there is none
-    (an installed package, no git binary, a broken repository). Never raises."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that shape a checkpoint (None: not installed)."""
-    versions: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "evalhub"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def _parent(parent: str | os.PathLike) -> dict:
     """{"path", "sha256"} of a parent checkpoint directory: its recorded weights hash when
     its config has one (version 2), else the hash of its weights file."""
@@ -351,7 +323,7 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "parent": _parent(parent) if parent is not None else None,
         "source_commit": source_commit(),
-        "packages": package_versions(),
+        "packages": package_versions(CHECKPOINT_PACKAGES),
         "provenance": provenance,
     }
     (dst / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

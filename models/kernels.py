@@ -149,7 +149,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     gradients are wanted."""
     if x.dtype == torch.float32 and _wants_grad(x, weight):
         return _RMSNorm.apply(x, weight, eps)
-    return F.rms_norm(x, weight.shape, weight, eps)
+    return _rms_norm_inference(x, weight, eps)
 
 
 class _Rope(torch.autograd.Function):
@@ -181,7 +181,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     ``models.afm.rope_tables``. Equals HF's q*cos + rotate_half(q)*sin."""
     if _wants_grad(x):
         return _Rope.apply(x, cos, sin)
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    return _rope_inference(x, cos, sin)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -210,8 +210,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for the fused [gate; up] projection h (Shazeer 2020, arXiv:2002.05202)."""
     if _wants_grad(h):
         return _SwiGLU.apply(h)
-    gate, up = h.chunk(2, dim=-1)  # each (..., hidden)
-    return F.silu(gate) * up
+    return _swiglu_inference(h)
 
 
 def _rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -223,7 +222,7 @@ def _rope_inference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 
 def _swiglu_inference(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
+    gate, up = h.chunk(2, dim=-1)  # each (..., hidden)
     return F.silu(gate) * up
 
 

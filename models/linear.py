@@ -5,8 +5,8 @@ A ``Projection`` maps (..., in_features) to (..., out_features) with ``forward(x
 block asks for queries at a few tokens and keys/values at all of them. Implementations:
 
 - ``Linear``: a dense weight (fp32 or bf16), optionally with a oneDNN-prepacked copy for fast
-  CPU inference (``Linear.pack``);
-- ``TiedHead``: the output head that shares the input embedding's table (``nn.Embedding``);
+  CPU inference (``Dense.pack``);
+- ``TiedHead``: the same for the output head that shares the input embedding's table;
 - ``Int4Linear``: weight-only int4 (group 32, llama.cpp's Q4_1 grid), CPU only; the speculative
   draft's projections (``models.draft``);
 - palettized weights (k-means tables per 16 output channels) and LoRA wrappers plug in here as
@@ -75,12 +75,45 @@ class Packed:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
-class Linear(Projection):
-    """Dense y = x W^T without bias; W (out_features, in_features) is a Parameter, fp32 or bf16.
+class Dense(Projection):
+    """A projection that applies a plain matrix (``matrix()``, fp32 or bf16), optionally
+    through a oneDNN-packed copy of it for inference (``pack``; the copy costs the matrix's
+    memory again). Anything that wants gradients uses the matrix itself: the packed kernel has
+    no backward. ``Linear`` owns its matrix, ``TiedHead`` borrows the embedding's."""
 
-    ``pack(rows)`` keeps a oneDNN copy of W for inference (``Packed``; the copy costs W's
-    memory again). Anything that wants gradients uses W itself: the packed kernel has no
-    backward."""
+    _packed: Packed | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """The (out_features, in_features) tensor, as trained (not detached)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        w = self.matrix()
+        if rows is not None:
+            return F.linear(x, w[rows])
+        if self._packed is not None and not (w.requires_grad and torch.is_grad_enabled()):
+            y = self._packed.linear(x)
+            if y is not None:
+                return y
+        return F.linear(x, w)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.matrix().detach()
+
+    def version(self) -> tuple:
+        return tensor_version(self.matrix())
+
+    def pack(self, rows: int | None) -> None:
+        """Keep a oneDNN copy tuned for inputs of about ``rows`` rows, or drop it (None)."""
+        self._packed = Packed(self, rows) if rows else None
+
+    def extra_repr(self) -> str:
+        packed = f", packed={self._packed.rows}" if self._packed is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}{packed}"
+
+
+class Linear(Dense):
+    """Dense y = x W^T without bias; W (out_features, in_features) is its own Parameter."""
 
     def __init__(
         self,
@@ -95,37 +128,15 @@ class Linear(Projection):
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, device=device, dtype=dtype)
         )
-        self._packed: Packed | None = None
         if self.weight.device.type != "meta":
             # nn.Linear's default initialisation (Kaiming-uniform, a = sqrt(5)).
             nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
-    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        w = self.weight
-        if rows is not None:
-            return F.linear(x, w[rows])
-        if self._packed is not None and not (w.requires_grad and torch.is_grad_enabled()):
-            y = self._packed.linear(x)
-            if y is not None:
-                return y
-        return F.linear(x, w)
-
-    def effective_weight(self) -> torch.Tensor:
-        return self.weight.detach()
-
-    def version(self) -> tuple:
-        return tensor_version(self.weight)
-
-    def pack(self, rows: int | None) -> None:
-        """Keep a oneDNN copy tuned for inputs of about ``rows`` rows, or drop it (None)."""
-        self._packed = Packed(self, rows) if rows else None
-
-    def extra_repr(self) -> str:
-        packed = f", packed={self._packed.rows}" if self._packed is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}{packed}"
+    def matrix(self) -> torch.Tensor:
+        return self.weight
 
 
-class TiedHead(Projection):
+class TiedHead(Dense):
     """The output head of a model whose input and output embeddings are tied (Press & Wolf
     2017, arXiv:1608.05859): it projects onto the rows of ``embedding``'s table. It owns no
     parameter (the table is the embedding's, saved once under its name) and is not registered
@@ -135,30 +146,9 @@ class TiedHead(Projection):
         super().__init__()
         self._embedding = (embedding,)  # a tuple: not a registered submodule
         self.out_features, self.in_features = embedding.weight.shape
-        self._packed: Packed | None = None
 
-    @property
-    def table(self) -> torch.Tensor:
+    def matrix(self) -> torch.Tensor:
         return self._embedding[0].weight
-
-    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        w = self.table
-        if rows is not None:
-            return F.linear(x, w[rows])
-        if self._packed is not None and not (w.requires_grad and torch.is_grad_enabled()):
-            y = self._packed.linear(x)
-            if y is not None:
-                return y
-        return F.linear(x, w)
-
-    def effective_weight(self) -> torch.Tensor:
-        return self.table.detach()
-
-    def version(self) -> tuple:
-        return tensor_version(self.table)
-
-    def pack(self, rows: int | None) -> None:
-        self._packed = Packed(self, rows) if rows else None
 
 
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:

@@ -87,21 +87,11 @@ class Proc:
 
 
 # The production commands, shared with compose.yaml (a test checks they agree).
-WORKER_ARGS = [
-    "-m",
-    "celery",
-    "-A",
-    "evalhub",
-    "worker",
-    "-Q",
-    "default,models",
-    "--concurrency",
-    "1",
-    "--loglevel",
-    "INFO",
-]
-WEB_ARGS = ["-m", "gunicorn", "evalhub.wsgi", "--bind", "{bind}", "--workers", "5"]
-BEAT_ARGS = ["-m", "celery", "-A", "evalhub", "beat", "--loglevel", "INFO"]
+WORKER_ARGS = (
+    "-m celery -A evalhub worker -Q default,models --concurrency 1 --loglevel INFO"
+).split()
+WEB_ARGS = "-m gunicorn evalhub.wsgi --bind {bind} --workers 5".split()
+BEAT_ARGS = "-m celery -A evalhub beat --loglevel INFO".split()
 
 
 def start_worker(tmp_path: Path, name: str, **env) -> Proc:

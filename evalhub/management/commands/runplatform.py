@@ -25,46 +25,15 @@ class Command(BaseCommand):
 
     def handle(self, *args, bind: str, web_workers: int, concurrency: int, **options):
         py = sys.executable
+        celery = [py, *"-m celery -A evalhub".split()]
         commands = {
-            "web": [
-                py,
-                "-m",
-                "gunicorn",
-                "evalhub.wsgi",
-                "--bind",
-                bind,
-                "--workers",
-                str(web_workers),
-                "--access-logfile",
-                "-",
-            ],
-            "worker": [
-                py,
-                "-m",
-                "celery",
-                "-A",
-                "evalhub",
-                "worker",
-                "-Q",
-                "default,models",
-                "--concurrency",
-                str(concurrency),
-                "--loglevel",
-                "INFO",
-            ],
-            "beat": [
-                py,
-                "-m",
-                "celery",
-                "-A",
-                "evalhub",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "--schedule",
-                str(settings.VAR_DIR / "celerybeat-schedule"),
-            ],
-        }
+            "web": [py, *f"-m gunicorn evalhub.wsgi --bind {bind} --workers {web_workers}".split(),
+                    "--access-logfile", "-"],
+            "worker": [*celery, "worker", "-Q", "default,models", "--concurrency",
+                       str(concurrency), "--loglevel", "INFO"],
+            "beat": [*celery, "beat", "--loglevel", "INFO",
+                     "--schedule", str(settings.VAR_DIR / "celerybeat-schedule")],
+        }  # fmt: skip
         # Own sessions: a terminal's Ctrl-C reaches only this supervisor, which then stops each
         # child once, in order, with the signal that means "finish cleanly" to it.
         procs = {
