@@ -135,8 +135,14 @@ def test_the_embedded_profile_runs_web_worker_and_beat_and_stops_on_ctrl_c(tmp_p
             with sqlite3.connect(tmp_path / "db.sqlite3") as db:
                 return db.execute("SELECT status FROM evalhub_job ORDER BY id LIMIT 1").fetchone()
 
+        def healthy():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["status"]
+            except httpx.TransportError:  # gunicorn's workers may still be booting
+                return None
+
         wait_for(lambda: job_status() == ("succeeded",), 90, "the demo job on the embedded worker")
-        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()["status"] == "ok"
+        wait_for(lambda: healthy() == "ok", 60, "/healthz to report ok", every=1)
         page = httpx.get(f"http://127.0.0.1:{port}/accounts/login/", timeout=5)
         assert page.status_code == 200 and "csrfmiddlewaretoken" in page.text
         css = httpx.get(f"http://127.0.0.1:{port}/static/evalhub/app.css", timeout=5)
