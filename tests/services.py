@@ -90,7 +90,7 @@ class Proc:
 WORKER_ARGS = (
     "-m celery -A evalhub worker -Q default,models --concurrency 1 --loglevel INFO"
 ).split()
-WEB_ARGS = "-m gunicorn evalhub.wsgi --bind {bind} --workers 5".split()
+WEB_ARGS = "-m gunicorn evalhub.wsgi --preload --bind {bind} --workers 5".split()
 BEAT_ARGS = "-m celery -A evalhub beat --loglevel INFO".split()
 
 

@@ -27,7 +27,8 @@ class Command(BaseCommand):
         py = sys.executable
         celery = [py, *"-m celery -A evalhub".split()]
         commands = {
-            "web": [py, *f"-m gunicorn evalhub.wsgi --bind {bind} --workers {web_workers}".split(),
+            "web": [py, "-m", "gunicorn", "evalhub.wsgi", "--preload", "--bind", bind,
+                    "--workers", str(web_workers),
                     "--access-logfile", "-"],
             "worker": [*celery, "worker", "-Q", "default,models", "--concurrency",
                        str(concurrency), "--loglevel", "INFO"],
