@@ -91,7 +91,10 @@ class Dense(Projection):
         w = self.matrix()
         if rows is not None:
             return F.linear(x, w[rows])
-        if self._packed is not None and not (w.requires_grad and torch.is_grad_enabled()):
+        # The packed kernel has no backward: not where a gradient flows to the weight or
+        # through the input (a frozen base under a LoRA adapter, a frozen head).
+        wants_grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)
+        if self._packed is not None and not wants_grad:
             y = self._packed.linear(x)
             if y is not None:
                 return y

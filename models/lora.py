@@ -1,0 +1,370 @@
+"""LoRA: low-rank adapters behind the weight seam, with adapter-only checkpoints in PEFT's layout.
+
+Features, with references:
+
+- ``LoRALinear`` wraps any ``models.linear.Projection`` (dense, int4, palettized):
+  y = base(x) + (α/r)·B(A·dropout(x)) with A (r, in) and B (out, r), B starting at zero so the
+  wrapped model starts exactly where the base is (Hu et al. 2021, "LoRA", arXiv:2106.09685,
+  §4.1; A initialised like PEFT's, Kaiming-uniform). ``effective_weight`` is W + (α/r)·BA and
+  ``version`` combines the base's and the adapter's, so derived copies (oneDNN packs, the int4
+  draft, a palettized table) see a trained adapter as a changed weight;
+- the base is frozen and may be any implementation, also one without a backward of its own
+  (the oneDNN-packed or int4 kernels): the gradient to the input goes through
+  ``effective_weight()``, as QLoRA backpropagates through a dequantized frozen base (Dettmers
+  et al. 2023, arXiv:2305.14314);
+- ``apply_lora`` swaps wrappers in for the block projections chosen by type (attention's
+  fused q/k/v and output, the feed-forward's fused gate/up and down; AFM puts adapters on all
+  of them, arXiv:2407.21075 §5), ``lora_parameters``, ``merge_lora``, ``adapters_disabled``
+  (the DPO reference without a second copy of the model);
+- ``save_adapter`` / ``load_adapter``: ``adapter_config.json`` + ``adapter_model.safetensors``
+  under PEFT's key names for the Hugging Face Llama version of the model, which ``peft``
+  loads onto ``LlamaForCausalLM``.
+
+Fused projections in PEFT's layout. Our q/k/v (and gate/up) are one matrix; Hugging Face has
+three (two). A fused adapter's update is B·A with one A shared by every output row, so row
+block i of the update is B_i·A: exported as q_proj with (A, B_q), k_proj with (A, B_k), v_proj
+with (A, B_v), each of rank r and the same α, exactly the same update (A is stored three times
+in the file, 2r·in extra numbers per layer). The other way, three independent adapters
+(A_q, B_q), (A_k, B_k), (A_v, B_v) are one fused adapter of rank r_q + r_k + r_v with
+A = [A_q; A_k; A_v] and B block-diagonal, each block scaled by its own α/r: also exact, so
+any PEFT adapter on these projections loads (a projection the adapter leaves out gets zero
+rows). Adapters that share A (as ours) load back at rank r.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.afm import AFM, Attention, SwiGLU
+from models.linear import Linear, Projection, tensor_version
+
+TARGETS = ("wqkv", "wo", "w13", "w2")
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+class _FrozenBase(torch.autograd.Function):
+    """y = base(x, rows) for a frozen base, with dL/dx = dL/dy · W_eff[rows]: a backward for
+    kernels that have none (oneDNN's packed matmul silently returns no input gradient; the
+    int4 kernel has no autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: Projection, rows: slice | None) -> torch.Tensor:
+        ctx.base, ctx.rows = base, rows
+        with torch.no_grad():
+            return base(x, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.base.effective_weight()  # (out, in)
+        w = w if ctx.rows is None else w[ctx.rows]
+        return grad @ w.to(grad.dtype), None, None
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensors = [*module.parameters(), *module.buffers()]
+    return tensors[0].device if tensors else torch.device("cpu")
+
+
+class LoRALinear(Projection):
+    """A ``base`` projection plus a rank-``rank`` update scaled by ``alpha / rank``.
+
+    A and B are fp32 parameters on the base's device; their product is added in the base
+    output's dtype (the int4 kernel answers in bf16). ``enabled = False`` gives the base alone
+    (``adapters_disabled``)."""
+
+    def __init__(self, base: Projection, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be positive, not {rank}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.rank, self.alpha, self.scale = rank, float(alpha), alpha / rank
+        device = _device_of(base)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init of A
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        y = self._base(x, rows)
+        if not self.enabled:
+            return y
+        B = self.lora_B if rows is None else self.lora_B[rows]
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        return y + (F.linear(h, B) * self.scale).to(y.dtype)
+
+    def _base(self, x: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        frozen = not any(p.requires_grad for p in self.base.parameters())
+        if frozen and torch.is_grad_enabled() and x.requires_grad:
+            return _FrozenBase.apply(x, self.base, rows)
+        return self.base(x, rows)
+
+    def delta(self) -> torch.Tensor:
+        """(α/r)·BA, (out, in) fp32, detached."""
+        return (self.lora_B @ self.lora_A).detach() * self.scale
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.base.effective_weight()
+        return w + self.delta().to(w.dtype) if self.enabled else w
+
+    def version(self) -> tuple:
+        adapter = (tensor_version(self.lora_A), tensor_version(self.lora_B), self.scale)
+        return (self.base.version(), adapter, self.enabled)
+
+    def merge(self) -> Projection:
+        """The base with the update folded in: a ``Linear`` base in place (its weight becomes
+        W + (α/r)·BA), any other base (int4, palettized) as a new dense fp32 ``Linear``, since
+        re-quantizing W + BA is a compression decision, not a merge."""
+        if isinstance(self.base, Linear):
+            with torch.no_grad():
+                w = self.base.weight
+                w.add_(self.delta().to(w.device, w.dtype))
+            return self.base
+        dense = Linear(self.in_features, self.out_features, device="meta")
+        dense.weight = nn.Parameter(self.effective_weight().float(), requires_grad=False)
+        return dense
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, enabled={self.enabled}"
+
+
+# ------------------------------------------------------------------------- model surgery
+def _sites(model: AFM) -> Iterator[tuple[int, str, nn.Module]]:
+    """(layer, target name, owning module) for every block projection an adapter can go on,
+    found by the owner's type: attention's wqkv and wo, the feed-forward's w13 and w2."""
+    for i, block in enumerate(model.blocks):
+        for owner in block.children():
+            if isinstance(owner, Attention):
+                yield i, "wqkv", owner
+                yield i, "wo", owner
+            elif isinstance(owner, SwiGLU):
+                yield i, "w13", owner
+                yield i, "w2", owner
+
+
+def apply_lora(
+    model: AFM,
+    rank: int = 16,
+    alpha: float = 32.0,
+    targets: Sequence[str] = TARGETS,
+    dropout: float = 0.0,
+) -> list[LoRALinear]:
+    """Wrap the ``targets`` projections of every block in ``LoRALinear`` and freeze every
+    other parameter of ``model``; return the wrappers. Defaults: rank 16 as AFM's adapters
+    (arXiv:2407.21075 §5.1), α = 2r (a common PEFT choice: scale 2). A projection that
+    already has an adapter is an error (``merge_lora`` first, or ``load_adapter``)."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; known: {TARGETS}")
+    model.requires_grad_(False)
+    wrappers = []
+    for _, name, owner in _sites(model):
+        if name not in targets:
+            continue
+        base = getattr(owner, name)
+        if isinstance(base, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA adapter (merge_lora or load_adapter)")
+        wrapper = LoRALinear(base, rank, alpha, dropout)
+        setattr(owner, name, wrapper)
+        wrappers.append(wrapper)
+    return wrappers
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter's A and B, chosen by module type: what an optimizer trains."""
+    return [p for m in lora_layers(model) for p in (m.lora_A, m.lora_B)]
+
+
+def merge_lora(model: AFM) -> AFM:
+    """Fold every adapter into its base (``LoRALinear.merge``) and drop the wrappers; the
+    model is a plain AFM again (its state dict has the base's keys)."""
+    for _, name, owner in _sites(model):
+        projection = getattr(owner, name)
+        if isinstance(projection, LoRALinear):
+            setattr(owner, name, projection.merge())
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base: every adapter off inside the block, back as it was after."""
+    layers = lora_layers(model)
+    before = [m.enabled for m in layers]
+    try:
+        for m in layers:
+            m.enabled = False
+        yield
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.enabled = was
+
+
+# ----------------------------------------------------------------- PEFT checkpoint layout
+def _hf_parts(model: AFM, name: str) -> list[tuple[str, int]]:
+    """(Hugging Face Llama module, output rows) for the row blocks of our ``name``."""
+    cfg = model.cfg
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {
+        "wqkv": [("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)],
+        "wo": [("self_attn.o_proj", cfg.dim)],
+        "w13": [("mlp.gate_proj", cfg.hidden_dim), ("mlp.up_proj", cfg.hidden_dim)],
+        "w2": [("mlp.down_proj", cfg.dim)],
+    }[name]
+
+
+def _prefix(layer: int) -> str:
+    return f"base_model.model.model.layers.{layer}."
+
+
+def save_adapter(
+    model: AFM, path: str | os.PathLike, *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``path/adapter_config.json`` and ``path/adapter_model.safetensors`` in PEFT's
+    layout (fused projections split as the module docstring says). Rank and α are per
+    module: the most common pair is the config's ``r``/``lora_alpha``, any other goes to
+    PEFT's ``rank_pattern``/``alpha_pattern``. Dropout is recorded; weights are fp32."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, float]] = {}  # HF module path -> (r, alpha)
+    dropout = 0.0
+    for layer, name, owner in _sites(model):
+        m = getattr(owner, name)
+        if not isinstance(m, LoRALinear):
+            continue
+        if isinstance(m.dropout, nn.Dropout):
+            dropout = m.dropout.p
+        A, B = m.lora_A.detach().float().cpu(), m.lora_B.detach().float().cpu()
+        for (hf, _), B_i in zip(_hf_parts(model, name), B.split(_rows(model, name)), strict=True):
+            key = _prefix(layer) + hf
+            tensors[key + ".lora_A.weight"] = A.clone()  # one copy per HF module
+            tensors[key + ".lora_B.weight"] = B_i.contiguous()
+            shapes[f"model.layers.{layer}.{hf}"] = (m.rank, m.alpha)
+    if not tensors:
+        raise ValueError("the model has no LoRA adapters to save")
+    pairs = list(shapes.values())
+    r, alpha = max(set(pairs), key=pairs.count)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted({k.rsplit(".", 1)[-1] for k in shapes}),
+        "rank_pattern": {k: v[0] for k, v in shapes.items() if v[0] != r},
+        "alpha_pattern": {k: v[1] for k, v in shapes.items() if v[1] != alpha},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _rows(model: AFM, name: str) -> list[int]:
+    return [rows for _, rows in _hf_parts(model, name)]
+
+
+def _pattern(patterns: dict, module: str, default):
+    """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it."""
+    for key, value in patterns.items():
+        if module == key or module.endswith("." + key):
+            return value
+    return default
+
+
+def load_adapter(model: AFM, path: str | os.PathLike) -> list[LoRALinear]:
+    """Put the PEFT-layout adapter at ``path`` on ``model`` (replacing adapters it has) and
+    freeze everything else; return the wrappers. Hugging Face modules of one fused projection
+    that share A and scale load at their rank; others as the block-diagonal fusion of the
+    module docstring. ValueError for an adapter on modules this model does not have."""
+    src = Path(path)
+    config = json.loads((src / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        raise ValueError(f"{src}: not a plain LoRA adapter ({config.get('peft_type')})")
+    tensors = load_file(src / ADAPTER_WEIGHTS)
+    used: set[str] = set()
+    model.requires_grad_(False)
+    wrappers = []
+    for layer, name, owner in _sites(model):
+        parts: list[tuple[torch.Tensor, torch.Tensor, float] | None] = []  # per HF module
+        for hf, _ in _hf_parts(model, name):
+            key = _prefix(layer) + hf
+            if key + ".lora_A.weight" not in tensors:
+                parts.append(None)
+                continue
+            used |= {key + ".lora_A.weight", key + ".lora_B.weight"}
+            A, B = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
+            module = f"model.layers.{layer}.{hf}"
+            alpha = _pattern(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            r = A.shape[0]
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            parts.append((A.float(), B.float(), scale))
+        if all(p is None for p in parts):
+            continue
+        base = getattr(owner, name)
+        base = base.base if isinstance(base, LoRALinear) else base
+        wrapper = _fused(base, parts, _rows(model, name), float(config.get("lora_dropout", 0.0)))
+        setattr(owner, name, wrapper)
+        wrappers.append(wrapper)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{src}: weights for modules this model has no site for: {unused[:4]}")
+    return wrappers
+
+
+def _fused(
+    base: Projection,
+    parts: list[tuple[torch.Tensor, torch.Tensor, float] | None],
+    rows: list[int],
+    dropout: float,
+) -> LoRALinear:
+    """One ``LoRALinear`` equal to the HF modules' adapters ``parts`` on the row blocks
+    ``rows`` of ``base`` (None: no adapter on that block)."""
+    present = [p for p in parts if p is not None]
+    A0, _, s0 = present[0]
+    shared = all(torch.equal(A, A0) and s == s0 for A, _, s in present)
+    if shared:
+        r = A0.shape[0]
+        wrapper = LoRALinear(base, r, s0 * r, dropout)
+        blocks = [
+            p[1] if p is not None else torch.zeros(n, r) for p, n in zip(parts, rows, strict=True)
+        ]
+        A, B = A0, torch.cat(blocks)
+    else:  # block-diagonal: rank = Σ r_i, scales folded into B, wrapper scale 1
+        r = sum(A.shape[0] for A, _, _ in present)
+        wrapper = LoRALinear(base, r, float(r), dropout)
+        A, B = torch.cat([a for a, _, _ in present]), torch.zeros(sum(rows), r)
+        row, col = 0, 0
+        for p, n in zip(parts, rows, strict=True):
+            if p is not None:
+                a, b, s = p
+                B[row : row + n, col : col + a.shape[0]] = b * s
+                col += a.shape[0]
+            row += n
+    with torch.no_grad():
+        wrapper.lora_A.copy_(A)
+        wrapper.lora_B.copy_(B)
+    return wrapper
