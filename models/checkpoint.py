@@ -6,9 +6,11 @@ A checkpoint is a directory:
     config.json         what the checkpoint is and where it came from (version 2):
         format, version     "evalhub-afm", 2
         model               AFMConfig fields
-        weights             the weight scheme: {"kind": "dense", "sha256": of model.safetensors};
-                            room for {"kind": "packed" | "palettized", "bits", "group", ...} and
-                            {"kind": "adapter", ...}; this loader reads "dense" only
+        weights             the weight scheme and the sha256 of model.safetensors:
+                            {"kind": "dense"}, or {"kind": "palettized", "group_size",
+                            "table_dtype", "bits": {layer: bits}, "bpw", "calibration_sha256"}
+                            (``models.palettize``: packed indices and fp16 tables in place of
+                            those layers' weights); room for {"kind": "adapter", ...}
         step, metrics       training step and metrics of a trained checkpoint (None, {})
         parent              {"path", "sha256"} of the checkpoint it was trained from, or None
         source_commit       ``git rev-parse HEAD`` of the code that wrote it, or None
@@ -49,6 +51,7 @@ from tqdm import tqdm
 
 from models.afm import AFM, AFMConfig, rope_tables
 from models.backends.base import BackendError
+from models.palettize import palettize_shells
 from models.provenance import package_versions, source_commit
 
 FORMAT = "evalhub-afm"
@@ -307,18 +310,21 @@ def save_checkpoint(
     step: int | None = None,
     metrics: dict | None = None,
     parent: str | os.PathLike | None = None,
+    weights: dict | None = None,
 ) -> Path:
-    """Write dense weights and a version 2 config.json (see the module docstring); tokenizer
+    """Write a state dict and a version 2 config.json (see the module docstring); tokenizer
     files are the caller's (they come from the source). ``parent``: the checkpoint directory
-    these weights were trained from."""
+    these weights were trained from. ``weights``: the scheme of a state dict that is not
+    dense (``models.palettize.scheme``), recorded with the file's hash."""
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, dst / WEIGHTS, metadata={"format": FORMAT})
+    kind = (weights or {}).get("kind", "dense")
+    save_file(tensors, dst / WEIGHTS, metadata={"format": FORMAT, "weights": kind})
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "model": cfg.to_dict(),
-        "weights": {"kind": "dense", "sha256": sha256_file(dst / WEIGHTS)},
+        "weights": {**(weights or {"kind": "dense"}), "sha256": sha256_file(dst / WEIGHTS)},
         "step": step,
         "metrics": dict(metrics or {}),
         "parent": _parent(parent) if parent is not None else None,
@@ -328,6 +334,36 @@ def save_checkpoint(
     }
     (dst / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return dst
+
+
+def save_palettized(
+    dst: str | os.PathLike, model: AFM, weights: dict, parent: str | os.PathLike
+) -> Path:
+    """Write a model palettized in place (``models.palettize.palettize_model``) as a
+    checkpoint: its state dict (packed indices and fp16 tables where layers were palettized,
+    so the file is small), ``weights`` (``models.palettize.scheme``, plus the calibration
+    hash) as the weight scheme, and the tokenizer files of ``parent``, the checkpoint it was
+    compressed from. ``load_checkpoint`` loads it back into palettized modules."""
+    dst, parent = Path(dst), Path(parent)
+    if weights.get("kind") != "palettized":
+        raise ValueError(f"not a palettized scheme: {weights.get('kind')!r}")
+    _, parent_meta = read_config(parent)
+    save_checkpoint(
+        dst,
+        model.cfg,
+        model.state_dict(),
+        {**parent_meta["provenance"], "compressed_at": _now()},
+        parent=parent,
+        weights=weights,
+    )
+    for f in parent.iterdir():
+        if f.is_file() and f.name not in (WEIGHTS, CONFIG):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def import_checkpoint(
@@ -363,7 +399,7 @@ def import_checkpoint(
             "source": str(src),
             "source_format": kind,
             "source_sha256": digest,
-            "imported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "imported_at": _now(),
         }
         save_checkpoint(tmp, cfg, sd, provenance)
         steps.update()
@@ -446,21 +482,37 @@ def load_checkpoint(
     """
     path = Path(path)
     cfg, meta = read_config(path)
-    if meta["weights"].get("kind") != "dense":
+    kind = meta["weights"].get("kind")
+    if kind not in ("dense", "palettized"):
         raise CheckpointError(f"{path}: weight scheme {meta['weights']!r} is not loadable here")
     sd = read_safetensors(path / WEIGHTS)
     with torch.device("meta"):
         model = AFM(cfg)  # no time spent on a random init that is overwritten at once
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        if kind == "palettized":
+            try:
+                palettize_shells(model, meta["weights"])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(
+                    f"{path / CONFIG}: invalid palettized weight scheme ({e!r})"
+                ) from e
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    shapes = {k: shape for k, (shape, _) in expected.items()}
     got = {k: tuple(v.shape) for k, v in sd.items()}
-    if expected != got:
-        missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-        bad = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if shapes != got:
+        missing, extra = sorted(shapes.keys() - got.keys()), sorted(got.keys() - shapes.keys())
+        bad = sorted(k for k in shapes.keys() & got.keys() if shapes[k] != got[k])
         raise CheckpointError(
             f"{path / WEIGHTS}: does not match config.json: missing {missing[:5]}"
             f", unexpected {extra[:5]}, wrong shape {bad[:5]}"
         )
-    model.load_state_dict({k: v.to(device, dtype) for k, v in sd.items()}, assign=True)
+    # Dense (fp32) tensors take ``dtype``; palettized indices and tables keep their own.
+    model.load_state_dict(
+        {
+            k: v.to(device, dtype if expected[k][1] == torch.float32 else expected[k][1])
+            for k, v in sd.items()
+        },
+        assign=True,
+    )
     # Buffers (RoPE tables) were created on the meta device: rebuild them for real.
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
     model.rope_cos, model.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
