@@ -82,7 +82,14 @@ class LoRALinear(Projection):
     output's dtype (the int4 kernel answers in bf16). ``enabled = False`` gives the base alone
     (``adapters_disabled``)."""
 
-    def __init__(self, base: Projection, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(
+        self,
+        base: Projection,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be positive, not {rank}")
@@ -92,7 +99,11 @@ class LoRALinear(Projection):
         device = _device_of(base)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init of A
+        # PEFT's init of A (B is zero), drawn on the CPU so a seed gives the same A anywhere
+        a = torch.empty(rank, self.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_A.copy_(a)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
 
@@ -159,15 +170,18 @@ def apply_lora(
     alpha: float = 32.0,
     targets: Sequence[str] = TARGETS,
     dropout: float = 0.0,
+    seed: int = 0,
 ) -> list[LoRALinear]:
     """Wrap the ``targets`` projections of every block in ``LoRALinear`` and freeze every
     other parameter of ``model``; return the wrappers. Defaults: rank 16 as AFM's adapters
     (arXiv:2407.21075 §5.1), α = 2r (a common PEFT choice: scale 2). A projection that
-    already has an adapter is an error (``merge_lora`` first, or ``load_adapter``)."""
+    already has an adapter is an error (``merge_lora`` first, or ``load_adapter``). A is drawn
+    from ``seed`` (the global RNG is left alone), so the same seed gives the same adapters."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown LoRA targets {unknown}; known: {TARGETS}")
     model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     wrappers = []
     for _, name, owner in _sites(model):
         if name not in targets:
@@ -175,7 +189,7 @@ def apply_lora(
         base = getattr(owner, name)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter (merge_lora or load_adapter)")
-        wrapper = LoRALinear(base, rank, alpha, dropout)
+        wrapper = LoRALinear(base, rank, alpha, dropout, generator)
         setattr(owner, name, wrapper)
         wrappers.append(wrapper)
     return wrappers
