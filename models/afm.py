@@ -248,6 +248,9 @@ class Block(nn.Module):
     def __init__(self, cfg: AFMConfig, index: int = 0):
         super().__init__()
         self.index = index  # which layer of the KV cache the kernel reads and writes
+        # Plain attributes, read in forward without nn.Module.__getattr__ (~1 us each, 30 blocks
+        # a decoding step): the norms' epsilon and whether q/k are normed.
+        self.eps, self.qk_norm = cfg.norm_eps, cfg.qk_norm
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -272,26 +275,27 @@ class Block(nn.Module):
             (M, dim). The kernel then takes queries (M, H, hd) (``PooledAttention``).
         weights: projections to use instead of the block's own (same shapes).
         """
-        a, ops, dtype = self.attn, elementwise(), x.dtype
+        a, ops, dtype, eps = self.attn, elementwise(), x.dtype, self.eps
         H, Hkv, hd = a.n_heads, a.n_kv, a.hd
         wqkv, wo, w13, w2 = weights or (a.wqkv, a.wo, self.mlp.w13, self.mlp.w2)
-        eps = self.attn_norm.eps
         h = ops.rms_norm(x, self.attn_norm.weight, eps)
         if keep is None:
             qkv = wqkv(h)
             if qkv.dtype is not dtype:  # int4 projections answer in bf16
                 qkv = qkv.to(dtype)
-            # split, not slicing: its backward is one cat instead of zeros, copies and a sum
-            qk, v = qkv.view(*x.shape[:-1], H + 2 * Hkv, hd).split((H + Hkv, Hkv), dim=-2)
-            if a.q_norm is not None and a.k_norm is not None:
-                qk = torch.cat((a.q_norm(qk[..., :H, :]), a.k_norm(qk[..., H:, :])), dim=-2)
-            q, k = ops.rope(qk, cos, sin).split((H, Hkv), dim=-2)  # q and k in one pass
+            # split, not slicing: its backward is one cat instead of zeros, copies and a sum;
+            # split_with_sizes is Tensor.split without its Python wrapper
+            qkv = qkv.view(*x.shape[:-1], H + 2 * Hkv, hd)
+            qk, v = qkv.split_with_sizes((H + Hkv, Hkv), dim=-2)
+            if self.qk_norm:
+                qk = torch.cat((a.q_norm(qk[..., :H, :]), a.k_norm(qk[..., H:, :])), dim=-2)  # type: ignore[misc]
+            q, k = ops.rope(qk, cos, sin).split_with_sizes((H, Hkv), dim=-2)  # q, k in one pass
         else:
             kv = wqkv(h, rows=slice(H * hd, None)).to(dtype).unflatten(-1, (2 * Hkv, hd))
             k, v = kv.split(Hkv, dim=-2)  # each (N, Hkv, hd)
             q = wqkv(h[keep], rows=slice(0, H * hd)).to(dtype).unflatten(-1, (H, hd))
-            if a.q_norm is not None and a.k_norm is not None:
-                q, k = a.q_norm(q), a.k_norm(k)
+            if self.qk_norm:
+                q, k = a.q_norm(q), a.k_norm(k)  # type: ignore[misc]
             q, k = ops.rope(q, cos[keep], sin[keep]), ops.rope(k, cos, sin)
             x = x[keep]  # (M, dim)
         x = x + wo(attention(q, k, v, self.index))
