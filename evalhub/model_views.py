@@ -9,8 +9,10 @@ from core.access import researcher_required
 from core.jobs import job_submit
 from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
+from grading.models import Campaign
 from models.backends import BackendError, GenerationArgs
 from models.backends.streaming import stream_text
+from suites import REGISTRY
 
 
 class RegisterForm(forms.ModelForm):
@@ -22,6 +24,61 @@ class RegisterForm(forms.ModelForm):
 class ImportForm(forms.Form):
     src = forms.CharField(label="GGUF file or Hugging Face directory (path on the server)")
     name = forms.SlugField(max_length=100)
+
+
+class PosttrainForm(forms.Form):
+    """Post-training on a registered model; the job validates the rest (evalhub/posttrain.py)."""
+
+    algorithm = forms.ChoiceField(
+        choices=[("sft", "SFT on demonstrations"), ("dpo", "DPO"), ("ipo", "IPO")]
+    )
+    campaigns = forms.ModelMultipleChoiceField(
+        queryset=Campaign.objects.filter(kind="side_by_side"),
+        required=False,
+        help_text="side-by-side campaigns: SFT takes their chosen responses, DPO/IPO their labels",
+    )
+    jsonl = forms.CharField(
+        required=False,
+        label="or a JSONL file on the server",
+        help_text='SFT: {"messages": [...]} per line; DPO/IPO: prompt, chosen, rejected, level',
+    )
+    name = forms.SlugField(max_length=100, required=False, help_text="default: derived")
+    lr = forms.FloatField(required=False, min_value=1e-9, max_value=0.1, label="Learning rate")
+    epochs = forms.IntegerField(min_value=1, max_value=100, initial=1)
+    batch_size = forms.IntegerField(min_value=1, max_value=1024, initial=8)
+    max_steps = forms.IntegerField(min_value=1, required=False)
+    lora_rank = forms.IntegerField(
+        min_value=0, max_value=256, initial=16, help_text="0: full fine-tune"
+    )
+    beta = forms.FloatField(min_value=1e-4, max_value=10, initial=0.1, help_text="DPO/IPO")
+    level_aware = forms.BooleanField(
+        required=False, initial=True, help_text="DPO/IPO: soft targets by preference level"
+    )
+    suites = forms.MultipleChoiceField(
+        choices=[(name, name) for name in sorted(REGISTRY)],
+        initial=["ifeval", "gsm8k", "mmlu"],
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="queued on the result",
+    )
+
+    def clean(self):
+        data = super().clean()
+        if not data.get("campaigns") and not data.get("jsonl"):
+            raise forms.ValidationError("choose at least one campaign or give a JSONL path")
+        return data
+
+    def job(self, model: ModelVersion) -> tuple[str, dict]:
+        """(job kind, params) for the cleaned form."""
+        data = dict(self.cleaned_data)
+        algorithm = data.pop("algorithm")
+        params = {k: v for k, v in data.items() if v not in (None, "") and k != "campaigns"}
+        params.update(model_id=model.pk, suites=data["suites"])
+        if data["campaigns"]:
+            params["campaign_ids"] = [c.pk for c in data["campaigns"]]
+        if algorithm == "sft":
+            return "posttrain.sft", params
+        return "posttrain.dpo", {**params, "loss": algorithm}
 
 
 class TryForm(forms.Form):
@@ -64,11 +121,31 @@ def model_import_view(request):
 @researcher_required
 def model_detail(request, model_id: int):
     model = get_object_or_404(ModelVersion.objects.select_related("parent"), pk=model_id)
-    return render(
-        request,
-        "evalhub/model_detail.html",
-        {"model": model, "lineage": model.lineage(), "try_form": TryForm()},
-    )
+    return _detail_page(request, model, PosttrainForm())
+
+
+def _detail_page(request, model: ModelVersion, posttrain: PosttrainForm, status: int = 200):
+    context = {
+        "model": model,
+        "lineage": model.lineage(),
+        "try_form": TryForm(),
+        "posttrain": posttrain if model.backend == "builtin" and model.kind == "policy" else None,
+        "children": model.children.all(),
+    }
+    return render(request, "evalhub/model_detail.html", context, status=status)
+
+
+@require_POST
+@researcher_required
+def model_posttrain(request, model_id: int):
+    """Start SFT, DPO or IPO on this model; the job page shows its curves."""
+    model = get_object_or_404(ModelVersion, pk=model_id, backend="builtin", kind="policy")
+    form = PosttrainForm(request.POST)
+    if not form.is_valid():
+        return _detail_page(request, model, form, status=400)
+    kind, params = form.job(model)
+    job = job_submit(kind=kind, params=params, user=request.user)
+    return redirect("job_detail", job_id=job.pk)
 
 
 @require_POST

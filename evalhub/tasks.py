@@ -1,6 +1,6 @@
 """Platform jobs: the demo job, broker housekeeping, and the model jobs (generation, imports,
-eval runs and their shards, reward training). Thin wrappers: the work is in the modules they
-import, none of which imports this one back."""
+eval runs and their shards, reward training, post-training). Thin wrappers: the work is in the
+modules they import, none of which imports this one back."""
 
 import math
 import time
@@ -137,3 +137,22 @@ def train_reward(job: Job) -> dict:
     from evalhub.rewards import train_reward_job
 
     return train_reward_job(job)
+
+
+@job_task(kind="posttrain.sft", queue="models", soft_time_limit=24 * 3600)
+def posttrain_sft(job: Job) -> dict:
+    """Supervised fine-tuning on demonstrations; registers the result and queues the suites."""
+    from evalhub.posttrain import run_posttrain
+
+    return run_posttrain(job, "sft")
+
+
+@job_task(kind="posttrain.dpo", queue="models", soft_time_limit=24 * 3600)
+def posttrain_dpo(job: Job) -> dict:
+    """Level-aware DPO (``params.loss``: "dpo" or "ipo") from preference labels."""
+    from evalhub.posttrain import run_posttrain
+
+    loss = job.params.get("loss", "dpo")
+    if loss not in ("dpo", "ipo"):
+        raise JobError(f"parameter 'loss' must be 'dpo' or 'ipo', not {loss!r}")
+    return run_posttrain(job, loss)

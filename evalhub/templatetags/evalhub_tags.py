@@ -57,29 +57,41 @@ def interval_plot(rows, width: int = 640):
 
 
 @register.simple_tag
-def curve_plot(curve, width: int = 640, height: int = 180):
-    """An SVG line of a loss curve ({"step": [...], "loss": [...]})."""
+def curve_plot(curve, width: int = 640, height: int = 180, name: str = "loss"):
+    """An SVG line of a training curve: {"step": [...], "loss": [...]} or {"step": [...],
+    "value": [...]}, with its range and last step written beside it."""
     from django.utils.html import format_html
 
-    steps, losses = curve.get("step") or [], curve.get("loss") or []
-    if len(losses) < 2:
+    steps = curve.get("step") or []
+    values = curve.get("value", curve.get("loss")) or []
+    pairs = [
+        (s, v)
+        for s, v in zip(steps, values, strict=False)  # a curve being written may be uneven
+        if isinstance(v, int | float) and math.isfinite(v)
+    ]
+    if len(pairs) < 2:
         return ""
-    lo, hi = min(losses), max(losses)
-    s0, s1 = steps[0], steps[-1] or 1
+    lo, hi = min(v for _, v in pairs), max(v for _, v in pairs)
+    s0, s1 = pairs[0][0], pairs[-1][0]
     points = " ".join(
         f"{40 + (width - 50) * (s - s0) / max(s1 - s0, 1):.1f},"
         f"{10 + (height - 30) * (1 - (v - lo) / ((hi - lo) or 1)):.1f}"
-        for s, v in zip(steps, losses, strict=False)  # a curve being written may be uneven
+        for s, v in pairs
     )
     return format_html(
-        '<svg class="plot" width="{}" height="{}" role="img" aria-label="loss curve">'
+        '<svg class="plot" width="{}" height="{}" role="img" aria-label="{} curve">'
         '<polyline fill="none" stroke="#2f6fed" stroke-width="2" points="{}"/>'
         '<text x="2" y="14" font-size="11">{}</text><text x="2" y="{}" font-size="11">{}</text>'
+        '<text x="{}" y="{}" font-size="11" text-anchor="end">step {}</text>'
         "</svg>",
         width,
         height,
+        name,
         points,
-        f"{hi:.3f}",
+        f"{hi:.4g}",
         height - 20,
-        f"{lo:.3f}",
+        f"{lo:.4g}",
+        width - 4,
+        height - 4,
+        s1,
     )
