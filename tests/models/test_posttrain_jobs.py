@@ -183,3 +183,28 @@ def test_the_model_page_starts_a_posttrain_job_and_rejects_a_form_without_data(
     assert job.kind == "posttrain.dpo" and job.params["loss"] == "dpo"
     assert job.params["campaign_ids"] == [campaign.pk] and job.params["lora_rank"] == 8
     assert job.params["level_aware"] is True and job.params["suites"] == ["ifeval"]
+
+
+def test_manage_py_posttrain_runs_ipo_in_process_and_registers_the_result(parent, campaign):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command(
+        "posttrain",
+        "--model=tiny-base",
+        "--algorithm=ipo",
+        f"--campaign={campaign.pk}",
+        "--max-steps=2",
+        "--batch-size=4",
+        "--lora-rank=2",
+        "--suites=",
+        "--name=tiny-ipo",
+        stdout=out,
+    )
+    child = ModelVersion.objects.get(name="tiny-ipo")
+    assert "registered tiny-ipo" in out.getvalue() and child.parent == parent
+    assert child.info["posttrain"]["algorithm"] == "ipo" and child.info["posttrain"]["steps"] == 2
+    job = Job.objects.get(kind="posttrain.dpo")
+    assert job.status == "succeeded" and job.progress == 1.0
