@@ -401,7 +401,7 @@ class PalettizedEmbedding(nn.Module):
 
 # ------------------------------------------------------------------------- handler
 class Calibration:
-    """Input second moments E[x xᵀ] (fp64 sums) of named projections, collected by forward
+    """Input second moments E[x xᵀ] of named projections, collected by forward
     hooks while the caller runs the model on calibration text inside ``with``. The model's
     own projections are called as modules in prompt passes (``AFM.trunk``, ``AFM.head``), so
     every call is seen; the int4 draft's hot path bypasses hooks and is not."""
@@ -429,9 +429,10 @@ class Calibration:
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (n, K)
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (n, K)
+            xtx = (x.T @ x).double()  # an fp32 matmul per call, summed across calls in fp64
             s = self.sums.get(name)
-            self.sums[name] = x.T @ x if s is None else s.addmm_(x.T, x)
+            self.sums[name] = xtx if s is None else s.add_(xtx)
             self.counts[name] += x.shape[0]
 
         return record
