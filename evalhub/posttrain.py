@@ -128,21 +128,45 @@ def preferences_from(params: dict) -> tuple[list, dict]:
 
 def run_posttrain(job: Job, algorithm: str) -> dict:
     """The body of the ``posttrain.<algorithm>`` jobs."""
-    from models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-    from models.train import TrainConfig, latest_checkpoint
-
     p = job.params
-    parent = ModelVersion.objects.filter(pk=p.get("model_id")).first()
-    if parent is None or parent.backend != "builtin" or parent.kind != ModelVersion.POLICY:
-        raise JobError("'model_id' must name a registered policy model with the builtin backend")
-    hp = training_params(p)
-    suites = suites_param(p)
+    parent = policy_param(p, "model_id")
+    hp, suites = training_params(p), suites_param(p)
     if algorithm == "sft":
         data, source = conversations_from(p)
     else:
         data, source = preferences_from(p)
+    return train_and_register(job, parent, algorithm, data, source, hp, suites)
+
+
+def policy_param(params: dict, key: str) -> ModelVersion:
+    """The registered builtin policy model that ``params[key]`` names, or a JobError."""
+    model = ModelVersion.objects.filter(pk=params.get(key)).first()
+    if model is None or model.backend != "builtin" or model.kind != ModelVersion.POLICY:
+        raise JobError(f"{key!r} must name a registered policy model with the builtin backend")
+    return model
+
+
+def train_and_register(
+    job: Job,
+    parent: ModelVersion,
+    algorithm: str,
+    data: list,
+    source: dict,
+    hp: dict,
+    suites: list[str],
+    *,
+    label: str | None = None,
+) -> dict:
+    """Train ``parent`` on ``data`` (conversations for "sft", preferences for "dpo"/"ipo"),
+    save the result next to the other checkpoints, register it with its lineage and queue
+    ``suites`` on it. ``label`` names the recipe in the lineage when it is not the algorithm
+    itself (an iTeC round trains by SFT)."""
+    from models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+    from models.train import TrainConfig, latest_checkpoint
+
     if len(data) < 2:
         raise JobError(f"only {len(data)} training examples; at least 2 are needed")
+    p = job.params
     work = Path(settings.MEDIA_ROOT) / "train" / f"job{job.pk}"
     try:
         model = load_checkpoint(parent.location)
@@ -204,10 +228,12 @@ def run_posttrain(job: Job, algorithm: str) -> dict:
         from models.lora import merge_lora
 
         merge_lora(model)
-    name = p.get("name") or f"{parent.name}-{algorithm}-job{job.pk}"
+    recipe = label or algorithm
+    name = p.get("name") or f"{parent.name}-{recipe}-job{job.pk}"
     dst = Path(settings.MEDIA_ROOT) / "checkpoints" / name
     info = {
-        "algorithm": algorithm,
+        "algorithm": recipe,
+        "trained_by": algorithm,
         "hyperparameters": {**hp, "lr": config.lr},
         "data": source,
         "data_hash": _hash(data if algorithm == "sft" else [vars(x) for x in data]),

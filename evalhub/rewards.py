@@ -14,12 +14,14 @@ from evalhub.registry import LOADED
 from grading.exports import preferences_from_campaigns
 
 
-def train_reward_job(job: Job) -> dict:
+def train_reward_job(job: Job, params: dict | None = None) -> dict:
+    """Train and register a reward model; ``params`` default to the job's own (an iTeC round
+    passes its retraining parameters instead)."""
     from models.preferences import labels_hash, load_preferences_jsonl, split_by_prompt
     from models.reward import evaluate_reward_model, save_reward_model, train_reward_model
     from models.reward_backbones import decoder_backbone, minilm_backbone
 
-    p = job.params
+    p = job.params if params is None else params
     if p.get("campaign_ids"):
         prefs = preferences_from_campaigns([int(i) for i in p["campaign_ids"]])
     elif p.get("jsonl"):

@@ -156,3 +156,11 @@ def posttrain_dpo(job: Job) -> dict:
     if loss not in ("dpo", "ipo"):
         raise JobError(f"parameter 'loss' must be 'dpo' or 'ipo', not {loss!r}")
     return run_posttrain(job, loss)
+
+
+@job_task(kind="itec.round", queue="models", soft_time_limit=24 * 3600)
+def itec_round(job: Job) -> dict:
+    """One iTeC round: committee sampling, reward reranking, SFT on the best, a campaign."""
+    from evalhub.itec import run_round
+
+    return run_round(job)

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from evalhub import model_views, run_views, serving, views
+from evalhub import itec_views, model_views, run_views, serving, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -20,6 +20,8 @@ urlpatterns = [
     path("models/<int:model_id>/posttrain/", model_views.model_posttrain, name="model_posttrain"),
     path("models/<int:model_id>/try/", model_views.model_try, name="model_try"),
     path("models/<int:model_id>/track/", run_views.model_track, name="model_track"),
+    path("itec/", itec_views.itec_page, name="itec"),
+    path("itec/start/", itec_views.itec_start, name="itec_start"),
     path("leaderboard/", run_views.leaderboard, name="leaderboard"),
     path("runs/", run_views.run_list, name="run_list"),
     path("runs/<int:run_id>/", run_views.run_detail, name="run_detail"),
