@@ -15,14 +15,20 @@ CHUNK = 5000
 FORMATS = ("jsonl", "csv", "parquet")
 
 
-def export_file(campaign: Campaign, fmt: str, path: Path, progress=None) -> int:
+def export_file(
+    campaign: Campaign, fmt: str, path: Path, progress=None, *, include_ties: bool = False
+) -> int:
     """Write the campaign's labels to ``path`` in ``fmt``; returns the row count.
 
-    The rows go to a ``.partial`` sibling first and are renamed into place, so a half-written
-    file is never offered for download."""
+    Side by side, ties are left out unless ``include_ties``: the file is read by preference
+    trainers (TRL's DPOTrainer, OpenRLHF) that take every row as chosen over rejected. Kept,
+    they carry ``tie: true`` and their level. The rows go to a ``.partial`` sibling first and
+    are renamed into place, so a half-written file is never offered for download."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}")
     rows = export_rows(campaign, progress=progress)
+    if campaign.is_side_by_side and not include_ties:
+        rows = [row for row in rows if not row["tie"]]
     tmp = path.with_suffix(".partial")
     _write(rows, tmp, fmt)
     tmp.replace(path)

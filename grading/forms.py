@@ -86,3 +86,10 @@ class ExportForm(forms.Form):
             ("parquet", "Parquet"),
         ]
     )
+    include_ties = forms.BooleanField(
+        required=False,
+        label="Keep ties",
+        help_text="side by side: ties ('both good', 'both bad') are left out of the chosen/"
+        "rejected rows unless kept here, marked by their tie column (a DPO trainer fed a tie "
+        "as a pair would learn a preference nobody expressed)",
+    )

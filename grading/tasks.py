@@ -25,6 +25,7 @@ def export_labels(job: Job) -> dict:
     out = Path(settings.MEDIA_ROOT) / "exports"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"campaign{campaign.pk}-{timezone.now():%Y%m%dT%H%M%S}-job{job.pk}.{fmt}"
+    include_ties = bool(job.params.get("include_ties", False))
     n = export_file(
         campaign,
         fmt,
@@ -32,8 +33,15 @@ def export_labels(job: Job) -> dict:
         progress=lambda done, total: job.report(
             0.9 * done / max(total, 1), f"{done}/{total} labels"
         ),
+        include_ties=include_ties,
     )
-    return {"file": path.name, "rows": n, "format": fmt, "bytes": path.stat().st_size}
+    return {
+        "file": path.name,
+        "rows": n,
+        "format": fmt,
+        "bytes": path.stat().st_size,
+        "include_ties": include_ties,
+    }
 
 
 @shared_task(name="grading.leases_expire", ignore_result=True)

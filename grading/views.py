@@ -195,11 +195,15 @@ def campaign_export(request, campaign_id: int):
     campaign = access.access_campaign_for_researcher(request.user, campaign_id)
     form = ExportForm(request.POST)
     if not form.is_valid():
-        return HttpResponseBadRequest("unknown export format")
+        return HttpResponseBadRequest(f"invalid export request: {form.errors.as_text()}")
     job = job_submit(
         kind="grading.export",
         user=request.user,
-        params={"campaign_id": campaign.pk, "format": form.cleaned_data["format"]},
+        params={
+            "campaign_id": campaign.pk,
+            "format": form.cleaned_data["format"],
+            "include_ties": form.cleaned_data["include_ties"],
+        },
     )
     return redirect("job_detail", job_id=job.pk)
 

@@ -15,9 +15,9 @@ from tests.factories import make_campaign, make_items
 pytestmark = pytest.mark.django_db
 
 
-def _export(campaign, fmt):
+def _export(campaign, fmt, **params):
     job = Job.objects.create(
-        kind="grading.export", params={"campaign_id": campaign.pk, "format": fmt}
+        kind="grading.export", params={"campaign_id": campaign.pk, "format": fmt, **params}
     )
     execute(job.pk, KINDS["grading.export"].job_fn)
     job.refresh_from_db()
@@ -66,7 +66,7 @@ def test_only_researchers_download_exports(login, alice, carol):
     campaign = make_campaign()
     make_items(campaign, 1)
     _label_all(campaign, alice, lambda a: {"choice": "tie_both_bad"})
-    job = _export(campaign, "jsonl")
+    job = _export(campaign, "jsonl", include_ties=True)
     assert login(alice).get(reverse("grading:download", args=[job.pk])).status_code == 403
     response = login(carol).get(reverse("grading:download", args=[job.pk]))
     assert response.status_code == 200
@@ -78,3 +78,34 @@ def test_an_export_of_a_deleted_campaign_fails_with_a_clear_error():
     execute(job.pk, KINDS["grading.export"].job_fn)
     job.refresh_from_db()
     assert job.status == "failed" and "no longer exists" in job.error
+
+
+def test_ties_stay_out_of_the_preference_file_unless_kept_and_the_job_page_links_the_file(
+    login, alice, carol
+):
+    campaign = make_campaign(overlap=1)
+    make_items(campaign, 4)
+    choices = iter(["left_better", "tie_both_good", "right_slightly_better", "tie_both_bad"])
+    _label_all(campaign, alice, lambda a: {"choice": next(choices)})
+    default = export_path(_export(campaign, "jsonl"))
+    rows = [json.loads(line) for line in default.read_text().splitlines()]
+    assert len(rows) == 2 and not any(r["tie"] for r in rows)
+    kept = _export(campaign, "jsonl", include_ties=True)
+    rows = [json.loads(line) for line in export_path(kept).read_text().splitlines()]
+    assert len(rows) == 4 and sorted(r["level"] for r in rows if r["tie"]) == [
+        "tie_both_bad",
+        "tie_both_good",
+    ]
+    page = login(carol).get(reverse("job_detail", args=[kept.pk])).content.decode()
+    assert reverse("grading:download", args=[kept.pk]) in page and "4 rows" in page
+
+
+def test_the_export_form_passes_keep_ties_to_the_job(login, carol):
+    campaign = make_campaign()
+    response = login(carol).post(
+        reverse("grading:export", args=[campaign.pk]), {"format": "csv", "include_ties": "on"}
+    )
+    job = Job.objects.get(kind="grading.export")
+    assert response.status_code == 302 and job.params["include_ties"] is True
+    bad = login(carol).post(reverse("grading:export", args=[campaign.pk]), {"format": "xls"})
+    assert bad.status_code == 400 and "format" in bad.content.decode()
