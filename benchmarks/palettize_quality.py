@@ -15,9 +15,10 @@ calibration rows, until ``--tokens`` answer tokens; every figure is over the ans
 - top1: share of positions where the argmax agrees with the original's;
 - ppl: perplexity of the actual answer tokens.
 
-EvalHub (``models.palettize``): input second moments from forward hooks, k-means weighted
-by their diagonal, then indices chosen column by column with GPTQ-style error feedback under
-the full second moment, tables refitted once. coremltools' SKM: k-means weighted by squared
+EvalHub (``models.palettize``): input second moments from forward hooks and output-gradient
+second moments from one backward pass per sequence; k-means weighted by E[g²]·E[x²] per
+weight, then indices chosen column by column with GPTQ-style error feedback under the full
+input second moment, tables refitted once. coremltools' SKM: k-means weighted by squared
 gradients of the next-token loss (one backward pass per calibration sequence; SqueezeLLM).
 Times are wall-clock on this machine including calibration passes; the engines run one after
 the other, so load from elsewhere can hit one more than the other (``uptime`` is printed).
@@ -29,7 +30,7 @@ Also: the size of the compressed checkpoint against the dense one, and greedy de
 of the palettized model (prepacked, as the builtin backend runs it, and dequantizing per
 call) against fp32, one prompt of ``--decode-tokens`` tokens.
 
-    .venv/bin/python benchmarks/palettize_quality.py [--calib-seqs 32] [--tokens 4000]
+    .venv/bin/python benchmarks/palettize_quality.py [--calib-seqs 32] [--tokens 3000]
         [--max-len 512] [--no-coreml] [--decode-tokens 48]
 
 The last line is machine-readable:
@@ -42,6 +43,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -118,11 +120,20 @@ def evaluate(
 
 
 def ours(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[AFM, list, float]:
+    """Calibrate (a forward and backward pass of the next-token loss per sequence; only the
+    embedding asks for a gradient, so that activations get theirs and no weight gradient is
+    computed), then palettize."""
     model = load_checkpoint(ckpt)
     start = time.perf_counter()
-    with torch.no_grad(), Calibration.of(model) as calibration:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.tok_emb.weight.requires_grad_(True)
+    with Calibration.of(model) as calibration:
         for tokens, _ in calib:
-            model.trunk(torch.tensor([tokens]))  # the head's inputs are not needed here
+            ids = torch.tensor([tokens])
+            F.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).backward()
+    model.tok_emb.weight.requires_grad_(False)
+    model.tok_emb.weight.grad = None
     reports = palettize_model(model, calibration=calibration)
     return model, reports, time.perf_counter() - start
 
@@ -131,6 +142,8 @@ def coreml(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[nn.Module, f
     """coremltools' SKM on the same block projections: each becomes an ``nn.Linear`` (which
     coremltools palettizes; our ``Linear`` is the same matmul) in a copy of the model."""
     from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
+
+    logging.getLogger("coremltools").setLevel(logging.WARNING)  # a line per layer otherwise
 
     model = load_checkpoint(ckpt)
     for name, module in list(model.named_modules()):
@@ -152,7 +165,10 @@ def coreml(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[nn.Module, f
     model.train()
     data = [torch.tensor([tokens]) for tokens, _ in calib]
     model = SKMPalettizer(model, config).compress(dataloader=data, loss_fn=loss_fn, inplace=True)
-    return model.eval(), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    entries = model.get_submodule("blocks.0.attn.wqkv").weight[:16].unique().numel()
+    print(f"coremltools: blocks.0.attn.wqkv's first 16 rows hold {entries} distinct values")
+    return model.eval(), seconds
 
 
 def decode_rate(model: AFM, prompt: list[int], new_tokens: int, repeats: int = 2) -> float:
@@ -167,7 +183,7 @@ def decode_rate(model: AFM, prompt: list[int], new_tokens: int, repeats: int = 2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-seqs", type=int, default=32, help="calibration rows")
-    parser.add_argument("--tokens", type=int, default=4000, help="held-out answer tokens")
+    parser.add_argument("--tokens", type=int, default=3000, help="held-out answer tokens")
     parser.add_argument("--max-len", type=int, default=512, help="tokens per sequence, at most")
     parser.add_argument("--no-coreml", action="store_true", help="skip the coremltools peer")
     parser.add_argument("--decode-tokens", type=int, default=48, help="0 skips decoding speed")

@@ -219,6 +219,7 @@ def assign_with_feedback(
     palette: Palette,
     hessian: torch.Tensor,
     *,
+    row_importance: torch.Tensor | None = None,
     group_size: int = GROUP_SIZE,
     rounds: int = 2,
 ) -> Palette:
@@ -226,7 +227,9 @@ def assign_with_feedback(
     tr(ΔW H ΔWᵀ) under the input second moment ``hessian`` (K, K), instead of each weight's
     own error: GPTQ's column-by-column rounding with error feedback, onto the tables instead
     of a uniform grid, columns in decreasing H[k, k] ("act order"). After each pass but the
-    last, every table entry becomes the weighted mean of the targets rounded to it."""
+    last, every table entry becomes the weighted mean of the targets rounded to it, each
+    weighted by its column's GPTQ weight and its row's ``row_importance`` (N,) if given
+    (rows are independent in the objective, so that weight only matters here)."""
     N, K = w.shape
     H = hessian.detach().double().cpu().clone()
     dead = H.diagonal() <= 0
@@ -240,13 +243,16 @@ def assign_with_feedback(
     W[:, dead[order]] = 0
     tables = palette.tables.float()
     groups = torch.arange(N) // group_size
+    rows = torch.ones(N) if row_importance is None else row_importance.float().cpu()
+    rows = rows.clamp(min=0) + 1e-8 * rows.mean().clamp(min=1e-30)
     for r in range(rounds):
         indices, targets, col_weight = _feedback_pass(W, tables[groups], hinv)
         if r == rounds - 1:
             break
         slot = (indices + groups[:, None] * tables.shape[1]).view(-1)
-        mass = torch.zeros(tables.numel()).index_add_(0, slot, col_weight.expand(N, K).reshape(-1))
-        total = torch.zeros(tables.numel()).index_add_(0, slot, (targets * col_weight).reshape(-1))
+        weight = (rows[:, None] * col_weight).reshape(-1)  # (N·K,)
+        mass = torch.zeros(tables.numel()).index_add_(0, slot, weight)
+        total = torch.zeros(tables.numel()).index_add_(0, slot, targets.reshape(-1) * weight)
         refit = (total / mass.clamp(min=1e-30)).view_as(tables)
         tables = torch.where(mass.view_as(tables) > 0, refit, tables)
         tables = tables.to(TABLE_DTYPE).float()  # choose indices against the stored entries
@@ -259,17 +265,22 @@ def palettize_weight(
     bits: int,
     *,
     hessian: torch.Tensor | None = None,
-    importance: torch.Tensor | None = None,
+    row_importance: torch.Tensor | None = None,
     group_size: int = GROUP_SIZE,
 ) -> Palette:
-    """k-means tables weighted by ``importance`` (default: the diagonal of ``hessian``), then,
-    with a ``hessian``, indices and tables re-chosen for the layer's output error."""
-    if importance is None and hessian is not None:
-        importance = hessian.diagonal()
+    """k-means tables weighted by the diagonal of ``hessian`` (K,) times ``row_importance``
+    (N,) where given, then, with a ``hessian``, indices and tables re-chosen for the layer's
+    output error (``assign_with_feedback``)."""
+    importance = None if hessian is None else hessian.diagonal()
+    if row_importance is not None:
+        cols = torch.ones(w.shape[1]) if importance is None else importance
+        importance = row_importance.float()[:, None] * cols.float()[None, :]  # (N, K)
     palette = kmeans_tables(w, bits, importance, group_size=group_size)
     if hessian is None:
         return palette
-    return assign_with_feedback(w, palette, hessian, group_size=group_size)
+    return assign_with_feedback(
+        w, palette, hessian, row_importance=row_importance, group_size=group_size
+    )
 
 
 # -------------------------------------------------------------------------------- runtime
@@ -401,15 +412,22 @@ class PalettizedEmbedding(nn.Module):
 
 # ------------------------------------------------------------------------- handler
 class Calibration:
-    """Input second moments E[x xᵀ] of named projections, collected by forward
-    hooks while the caller runs the model on calibration text inside ``with``. The model's
-    own projections are called as modules in prompt passes (``AFM.trunk``, ``AFM.head``), so
-    every call is seen; the int4 draft's hot path bypasses hooks and is not."""
+    """Input second moments E[x xᵀ] of named projections, collected by forward hooks while
+    the caller runs the model on calibration text inside ``with``, and, where the caller also
+    runs a backward pass of a loss (gradients need reach the activations only, e.g. through
+    the embedding), the mean squared gradient at each output channel. Together they give a
+    Kronecker-factored diagonal of the Fisher information, E[g²]·E[x²] per weight, the
+    sensitivity SqueezeLLM and coremltools' SKM weight k-means by (theirs from squared weight
+    gradients, at the cost of the weight-gradient matmuls). The model's own projections are
+    called as modules in prompt passes (``AFM.trunk``, ``AFM.head``), so every call is seen;
+    the int4 draft's hot path bypasses hooks and is not."""
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = dict.fromkeys(modules, 0)
+        self.grad_sums: dict[str, torch.Tensor] = {}
+        self.grad_counts: dict[str, int] = dict.fromkeys(modules, 0)
         self._handles: list = []
 
     @classmethod
@@ -434,6 +452,17 @@ class Calibration:
             s = self.sums.get(name)
             self.sums[name] = xtx if s is None else s.add_(xtx)
             self.counts[name] += x.shape[0]
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(name))
+
+        return record
+
+    def _grad_hook(self, name: str):
+        def record(grad: torch.Tensor) -> None:
+            g = grad.detach().reshape(-1, grad.shape[-1]).float()  # (n, N)
+            s, g2 = self.grad_sums.get(name), g.square().sum(0).double()
+            self.grad_sums[name] = g2 if s is None else s.add_(g2)
+            self.grad_counts[name] += g.shape[0]
 
         return record
 
@@ -442,6 +471,14 @@ class Calibration:
         if not self.counts.get(name):
             return None
         return (self.sums[name] / self.counts[name]).float()
+
+    def row_importance(self, name: str) -> torch.Tensor | None:
+        """E[g²] (N,) fp32 of the loss gradient at each output channel, from the backward
+        passes the caller ran inside ``with`` (None without any): how much an error in that
+        channel's output costs downstream."""
+        if not self.grad_counts.get(name):
+            return None
+        return (self.grad_sums[name] / self.grad_counts[name]).float()
 
 
 @dataclass
@@ -468,11 +505,19 @@ def _relative_error(w: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor
 
 
 def _palettize_one(
-    name: str, w: torch.Tensor, bits: int, hessian: torch.Tensor | None, group_size: int
+    name: str,
+    w: torch.Tensor,
+    bits: int,
+    calibration: Calibration | None,
+    stats: str,
+    group_size: int,
 ) -> tuple[Palette, LayerReport]:
+    """Palettize ``w`` with the calibration statistics recorded under the name ``stats``."""
     w = w.detach()
+    hessian = calibration.hessian(stats) if calibration else None
+    rows = calibration.row_importance(stats) if calibration else None
     start = time.perf_counter()
-    palette = palettize_weight(w, bits, hessian=hessian, group_size=group_size)
+    palette = palettize_weight(w, bits, hessian=hessian, row_importance=rows, group_size=group_size)
     seconds = time.perf_counter() - start
     approx = dequantize(palette.indices, palette.tables, group_size)
     shape = (w.shape[0], w.shape[1])
@@ -513,17 +558,16 @@ def palettize_model(
     for name in sorted(names, key=list(dict(model.named_modules())).index):
         module = model.get_submodule(name)
         assert isinstance(module, Linear)
-        hessian = calibration.hessian(name) if calibration else None
         b = bits.get(name, default_bits)
-        palette, report = _palettize_one(name, module.effective_weight(), b, hessian, group_size)
+        w = module.effective_weight()
+        palette, report = _palettize_one(name, w, b, calibration, name, group_size)
         _replace(model, name, PalettizedLinear.from_palette(palette, b, group_size))
         reports.append(report)
     emb_bits = bits.get("tok_emb", embedding_bits)
     if emb_bits is not None:
-        tied = model.cfg.tie_embeddings
-        hessian = calibration.hessian("lm_head") if calibration and tied else None
+        stats = "lm_head" if model.cfg.tie_embeddings else "tok_emb"  # no stats: plain k-means
         w = model.tok_emb.weight
-        palette, report = _palettize_one("tok_emb", w, emb_bits, hessian, group_size)
+        palette, report = _palettize_one("tok_emb", w, emb_bits, calibration, stats, group_size)
         embedding = PalettizedEmbedding(w.shape[0], w.shape[1], emb_bits, group_size)
         embedding.palette = PalettizedLinear.from_palette(palette, emb_bits, group_size)
         _set_embedding(model, embedding)

@@ -212,3 +212,23 @@ def test_the_compressed_checkpoint_is_small_and_loads_to_the_same_logits(tiny_mo
     assert loaded.blocks[0].attn.wo.bits == 2
     with torch.no_grad():
         assert torch.equal(loaded(tokens), tiny_model(tokens))
+
+
+def test_a_backward_pass_records_each_output_channels_gradient_and_weights_the_tables(
+    tiny_model,
+):
+    tokens = torch.randint(0, 256, (2, 16))
+    tiny_model.tok_emb.weight.requires_grad_(True)
+    with Calibration.of(tiny_model) as calibration:
+        logits = tiny_model(tokens)
+        logits[..., :4].sum().backward()  # only four vocabulary rows matter to this loss
+    rows = calibration.row_importance("lm_head")
+    assert rows is not None and rows.shape == (256,)
+    assert (rows[4:] == 0).all() and (rows[:4] > 0).all()
+    r = calibration.row_importance("blocks.0.mlp.w13")
+    assert r is not None and r.shape == (256,) and bool((r > 0).any())
+    w = tiny_model.tok_emb.weight.detach()
+    h = calibration.hessian("lm_head")
+    sensitive = dequantize(*palettize_weight(w, 2, hessian=h, row_importance=rows))
+    blind = dequantize(*palettize_weight(w, 2, hessian=h))
+    assert (sensitive - w)[:4].norm() < (blind - w)[:4].norm()
