@@ -173,27 +173,37 @@ def encode_preferences(
 
 def pair_logprobs(model: AFM, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ log π(response | prompt), response length), each (B, 2) for [chosen, rejected],
-    differentiable. The prompt runs once for both responses (``pack_shared_prefix``: each
-    response sees its prompt and itself, positions continuing the prompt's), and only the
-    positions that predict a response token go through the output head."""
-    prompts = [p.prompt for p in pairs]
-    responses = [[p.chosen, p.rejected] for p in pairs]
+    differentiable (``response_logprobs`` with K = 2)."""
+    return response_logprobs(
+        model, [p.prompt for p in pairs], [[p.chosen, p.rejected] for p in pairs]
+    )
+
+
+def response_logprobs(
+    model: AFM, prompts: Sequence[list[int]], responses: Sequence[Sequence[list[int]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ log π(response | prompt), response length), each (B, K), differentiable, for K
+    non-empty responses to each of B non-empty prompts. Each prompt runs once for its K
+    responses (``pack_shared_prefix``: a response sees its prompt and itself, positions
+    continuing the prompt's), and only the positions that predict a response token go
+    through the output head: the (tokens, vocab) logits of the whole batch are never built."""
+    B, K = len(prompts), len(responses[0])
     sp = pack_shared_prefix(prompts, responses)
     p_len = torch.tensor([len(p) for p in prompts])  # (B,)
-    r_len = torch.tensor([len(r) for rs in responses for r in rs])  # (B·2,)
+    r_len = torch.tensor([len(r) for rs in responses for r in rs])  # (B·K,)
     R = sp.response.shape[1]
-    real = torch.arange(R) < r_len[:, None]  # (B·2, R)
-    prompt_last = sp.prompt.gather(1, (p_len - 1)[:, None]).repeat_interleave(2, 0)  # (B·2, 1)
+    real = torch.arange(R) < r_len[:, None]  # (B·K, R)
+    prompt_last = sp.prompt.gather(1, (p_len - 1)[:, None]).repeat_interleave(K, 0)  # (B·K, 1)
     predictor = torch.cat((prompt_last, sp.response[:, :-1]), 1)[real]  # (M,) token before
     target = sp.response[real]  # (M,) flat index of each response token
-    row = torch.arange(len(r_len))[:, None].expand(-1, R)[real]  # (M,) its response
+    row = torch.arange(B * K)[:, None].expand(-1, R)[real]  # (M,) its response
     sp = sp.to(model.device, model.rope_cos.dtype)
     h = run_flat(model, sp.tokens, sp.positions, SharedPrefixAttention(sp))  # (N, dim)
     device = h.device
     logits = model.head(h[predictor.to(device)]).float()  # (M, vocab)
     token_lp = -F.cross_entropy(logits, sp.tokens[target.to(device)], reduction="none")
-    sums = torch.zeros(len(r_len), device=device).index_add(0, row.to(device), token_lp)
-    return sums.view(-1, 2), r_len.view(-1, 2).to(device)
+    sums = torch.zeros(B * K, device=device).index_add(0, row.to(device), token_lp)
+    return sums.view(B, K), r_len.view(B, K).to(device)
 
 
 # ------------------------------------------------------------------------------ reference
