@@ -329,15 +329,19 @@ class _Reference:
     """π_ref's per-token log-probs: the policy with adapters off (LoRA), a given model, or a
     frozen copy of the policy's starting weights."""
 
-    def __init__(self, policy: AFM, reference: AFM | None, beta: float, device: torch.device):
+    def __init__(self, policy: AFM, reference: AFM | None, config: RLConfig, device: torch.device):
         self.policy, self.model = policy, reference
         self.lora = reference is None and bool(lora_layers(policy))
-        if beta == 0:
+        if config.beta == 0:
             self.model, self.lora = None, False
         elif reference is None and not self.lora:
             self.model = copy.deepcopy(policy)
         if self.model is not None:
             self.model.requires_grad_(False).eval().to(device)
+            if config.prepack and reference is None:  # our own copy, dropped after training
+                # oneDNN's packed matmuls halve the reference pass too (1.8 -> 0.9 s for
+                # SmolLM2-135M over 2 prompts x 4 responses of 48 tokens), rows or no rows
+                self.model.prepack(config.k * config.prompts_per_step)
         self.active = self.lora or self.model is not None
 
     @torch.no_grad()
@@ -458,7 +462,7 @@ def train_mdloo(
         raise ValueError("no prompts to train on")
     device = torch.device(config.device) if config.device else default_device()
     policy.to(device).eval()
-    ref_model = _Reference(policy, reference, config.beta, device)
+    ref_model = _Reference(policy, reference, config, device)
     if config.prepack:
         policy.prepack(config.k * config.prompts_per_step)  # after the reference copy
     params = [p for p in policy.parameters() if p.requires_grad]

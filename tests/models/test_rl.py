@@ -375,8 +375,10 @@ def test_constrained_prompts_are_seeded_checkable_and_never_ifeval_prompts():
     for p in a:
         scores = verifier([p.prompt] * 2, responses)
         assert all(s is not None and 0.0 <= s <= 1.0 for s in scores)
-    with pytest.raises(ValueError, match="evaluation prompt"):
-        build_constrained_prompts(["Write a limerick."], exclude=["Write a limerick. No commas."])
+    kept = build_constrained_prompts(
+        ["Write a limerick.", "Name a river."], exclude=["Write a limerick. No commas."]
+    )
+    assert [p.source for p in kept] == ["Name a river."]  # part of an IFEval prompt: left out
 
 
 def test_mdloo_trains_on_a_combined_verifier_reward():
