@@ -119,7 +119,9 @@ def evaluate(
     }
 
 
-def ours(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[AFM, list, float]:
+def ours(
+    ckpt: Path, calib: list[tuple[list[int], int]], gradients: bool
+) -> tuple[AFM, list, float]:
     """Calibrate (a forward and backward pass of the next-token loss per sequence; only the
     embedding asks for a gradient, so that activations get theirs and no weight gradient is
     computed), then palettize."""
@@ -127,11 +129,14 @@ def ours(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[AFM, list, flo
     start = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(False)
-    model.tok_emb.weight.requires_grad_(True)
-    with Calibration.of(model) as calibration:
+    model.tok_emb.weight.requires_grad_(gradients)
+    with Calibration.of(model) as calibration, torch.set_grad_enabled(gradients):
         for tokens, _ in calib:
             ids = torch.tensor([tokens])
-            F.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).backward()
+            if gradients:
+                F.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).backward()
+            else:
+                model.trunk(ids)
     model.tok_emb.weight.requires_grad_(False)
     model.tok_emb.weight.grad = None
     reports = palettize_model(model, calibration=calibration)
@@ -142,8 +147,6 @@ def coreml(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[nn.Module, f
     """coremltools' SKM on the same block projections: each becomes an ``nn.Linear`` (which
     coremltools palettizes; our ``Linear`` is the same matmul) in a copy of the model."""
     from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
-
-    logging.getLogger("coremltools").setLevel(logging.WARNING)  # a line per layer otherwise
 
     model = load_checkpoint(ckpt)
     for name, module in list(model.named_modules()):
@@ -164,7 +167,11 @@ def coreml(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[nn.Module, f
     start = time.perf_counter()
     model.train()
     data = [torch.tensor([tokens]) for tokens, _ in calib]
-    model = SKMPalettizer(model, config).compress(dataloader=data, loss_fn=loss_fn, inplace=True)
+    logging.disable(logging.INFO)  # coremltools logs a line per layer and per sample
+    try:
+        model = SKMPalettizer(model, config).compress(data, loss_fn, inplace=True)
+    finally:
+        logging.disable(logging.NOTSET)
     seconds = time.perf_counter() - start
     entries = model.get_submodule("blocks.0.attn.wqkv").weight[:16].unique().numel()
     print(f"coremltools: blocks.0.attn.wqkv's first 16 rows hold {entries} distinct values")
@@ -188,6 +195,11 @@ def main() -> None:
     parser.add_argument("--no-coreml", action="store_true", help="skip the coremltools peer")
     parser.add_argument("--decode-tokens", type=int, default=48, help="0 skips decoding speed")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--gradients",
+        action="store_true",
+        help="also weight by output-channel gradients (a backward pass per sequence)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("load:", os.getloadavg())
@@ -208,7 +220,7 @@ def main() -> None:
         print(f"calibration: {len(calib)} sequences, {sum(len(t) for t, _ in calib)} tokens")
         print(f"held out: {len(held_out)} sequences, {count} answer tokens")
 
-        model, reports, seconds = ours(ckpt, calib)
+        model, reports, seconds = ours(ckpt, calib, args.gradients)
         bpw = scheme(reports)["bpw"]
         worst = max(reports, key=lambda r: r.error)
         print(

@@ -214,6 +214,18 @@ def _feedback_pass(
     return indices, targets, hinv.diagonal().pow(-2)
 
 
+def _flushing_denormals(fn, *args):
+    """``fn(*args)`` with subnormal floats flushed to zero (torch's default is not to, and
+    this function restores that). The error feedback multiplies ever smaller corrections into
+    far columns; on SmolLM2's layers the subnormal results made a pass ~100x slower (13 ms
+    against 0.1 ms a column) for no difference in the result above 1e-38."""
+    torch.set_flush_denormal(True)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def assign_with_feedback(
     w: torch.Tensor,
     palette: Palette,
@@ -246,7 +258,7 @@ def assign_with_feedback(
     rows = torch.ones(N) if row_importance is None else row_importance.float().cpu()
     rows = rows.clamp(min=0) + 1e-8 * rows.mean().clamp(min=1e-30)
     for r in range(rounds):
-        indices, targets, col_weight = _feedback_pass(W, tables[groups], hinv)
+        indices, targets, col_weight = _flushing_denormals(_feedback_pass, W, tables[groups], hinv)
         if r == rounds - 1:
             break
         slot = (indices + groups[:, None] * tables.shape[1]).view(-1)
