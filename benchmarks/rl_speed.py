@@ -8,7 +8,7 @@ once as a plain fp32 Hugging Face directory, because TRL builds its reference mo
 the policy's path again (a GGUF-loaded model has none it can reload).
 
 Prompts: AlpacaEval instructions with IFEval-style constraints attached
-(`models.posttrain.verifiers.build_constrained_prompts`), sent as one user turn through the
+(`suites.verifiers.build_constrained_prompts`), sent as one user turn through the
 model's chat template on both sides (the token ids are checked equal). Reward: the IFEval
 verifier (share of a prompt's constraints followed), the same Python function for both.
 
@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from models.posttrain.rl import RLConfig, encode_prompts, train_mdloo
-from models.posttrain.verifiers import (
+from suites.verifiers import (
     IFEvalVerifier,
     alpaca_eval_instructions,
     build_constrained_prompts,

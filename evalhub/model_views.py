@@ -30,7 +30,14 @@ class PosttrainForm(forms.Form):
     """Post-training on a registered model; the job validates the rest (evalhub/posttrain.py)."""
 
     algorithm = forms.ChoiceField(
-        choices=[("sft", "SFT on demonstrations"), ("dpo", "DPO"), ("ipo", "IPO")]
+        choices=[
+            ("sft", "SFT on demonstrations"),
+            ("dpo", "DPO"),
+            ("ipo", "IPO"),
+            ("mdloo", "MDLOO online RL"),
+            ("rloo_clip", "RLOO with clipping (RL baseline)"),
+            ("reinforce", "REINFORCE (RL baseline)"),
+        ]
     )
     campaigns = forms.ModelMultipleChoiceField(
         queryset=Campaign.objects.filter(kind="side_by_side"),
@@ -54,6 +61,22 @@ class PosttrainForm(forms.Form):
     level_aware = forms.BooleanField(
         required=False, initial=True, help_text="DPO/IPO: soft targets by preference level"
     )
+    iterations = forms.IntegerField(
+        min_value=1, max_value=10_000, initial=50, required=False, help_text="RL"
+    )
+    k = forms.IntegerField(
+        min_value=2,
+        max_value=64,
+        initial=4,
+        required=False,
+        label="Samples per prompt",
+        help_text="RL",
+    )
+    reward_model = forms.ModelChoiceField(
+        queryset=ModelVersion.objects.filter(kind=ModelVersion.REWARD),
+        required=False,
+        help_text="RL: added to IFEval's checkers on constrained AlpacaEval prompts",
+    )
     suites = forms.MultipleChoiceField(
         choices=[(name, name) for name in sorted(REGISTRY)],
         initial=["ifeval", "gsm8k", "mmlu"],
@@ -64,7 +87,8 @@ class PosttrainForm(forms.Form):
 
     def clean(self):
         data = super().clean()
-        if not data.get("campaigns") and not data.get("jsonl"):
+        offline = data.get("algorithm") in ("sft", "dpo", "ipo")
+        if offline and not data.get("campaigns") and not data.get("jsonl"):
             raise forms.ValidationError("choose at least one campaign or give a JSONL path")
         return data
 
@@ -72,8 +96,22 @@ class PosttrainForm(forms.Form):
         """(job kind, params) for the cleaned form."""
         data = dict(self.cleaned_data)
         algorithm = data.pop("algorithm")
-        params = {k: v for k, v in data.items() if v not in (None, "") and k != "campaigns"}
+        rl_only = ("iterations", "k", "reward_model")
+        params = {
+            k: v
+            for k, v in data.items()
+            if v not in (None, "") and k not in ("campaigns", *rl_only)
+        }
         params.update(model_id=model.pk, suites=data["suites"])
+        if algorithm in ("mdloo", "rloo_clip", "reinforce"):
+            for k in ("campaigns", "jsonl", "beta", "level_aware", "epochs", "batch_size"):
+                params.pop(k, None)
+            params.update(
+                algorithm=algorithm, iterations=data["iterations"] or 50, k=data["k"] or 4
+            )
+            if data["reward_model"]:
+                params["reward_model"] = data["reward_model"].pk
+            return "posttrain.rl", params
         if data["campaigns"]:
             params["campaign_ids"] = [c.pk for c in data["campaigns"]]
         if algorithm == "sft":

@@ -161,19 +161,11 @@ def train_and_register(
     save the result next to the other checkpoints, register it with its lineage and queue
     ``suites`` on it. ``label`` names the recipe in the lineage when it is not the algorithm
     itself (an iTeC round trains by SFT)."""
-    from models.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-    from models.train import TrainConfig, latest_checkpoint
+    from models.train import TrainConfig
 
     if len(data) < 2:
         raise JobError(f"only {len(data)} training examples; at least 2 are needed")
-    p = job.params
-    work = Path(settings.MEDIA_ROOT) / "train" / f"job{job.pk}"
-    try:
-        model = load_checkpoint(parent.location)
-        _, parent_meta = read_config(parent.location)
-    except CheckpointError as exc:
-        raise JobError(str(exc)) from exc
-    tokenizer = _tokenizer(parent.location)
+    session = Session(job, parent, hp)
     config = TrainConfig(
         lr=hp["lr"] if hp["lr"] is not None else _default_lr(algorithm, hp["lora_rank"]),
         epochs=hp["epochs"],
@@ -181,27 +173,21 @@ def train_and_register(
         accumulation=hp["accumulation"],
         max_steps=hp["max_steps"],
         seed=hp["seed"],
-        checkpoint_every=int(p.get("checkpoint_every", 50)),
-        checkpoint_dir=str(work / "state"),
-        device=p.get("device"),
+        checkpoint_every=int(job.params.get("checkpoint_every", 50)),
+        checkpoint_dir=str(session.work / "state"),
+        device=job.params.get("device"),
     )
-    curves = Curves(job)
-    resume = latest_checkpoint(work / "state") if (work / "state").exists() else None
-    if hp["lora_rank"]:
-        from models.lora import apply_lora
-
-        apply_lora(model, rank=hp["lora_rank"], alpha=hp["lora_alpha"] or 2 * hp["lora_rank"])
     if algorithm == "sft":
         from models.posttrain.sft import train_sft
 
-        state = train_sft(
-            model,
+        result = train_sft(
+            session.model,
             data,
-            tokenizer,
+            session.tokenizer,
             config,
             max_len=hp["max_len"],
-            progress=curves.update,
-            resume_from=resume,
+            progress=session.curves.update,
+            resume_from=session.resume_from(),
         )
     else:
         from models.posttrain.dpo import DPOConfig, train_dpo
@@ -210,52 +196,86 @@ def train_and_register(
             loss=algorithm,
             beta=hp["beta"],
             level_aware=hp["level_aware"],
-            cache_dir=str(work / "reference"),
+            cache_dir=str(session.work / "reference"),
         )
-        state = train_dpo(
-            model,
+        result = train_dpo(
+            session.model,
             None,  # the reference: a frozen copy (full) or the base without adapters (LoRA)
-            tokenizer,
+            session.tokenizer,
             data,
             config,
             dpo,
             max_len=hp["max_len"],
-            progress=curves.update,
-            resume_from=resume,
+            progress=session.curves.update,
+            resume_from=session.resume_from(),
         )
-    curves.flush()
-    if hp["lora_rank"]:
-        from models.lora import merge_lora
-
-        merge_lora(model)
-    recipe = label or algorithm
-    name = p.get("name") or f"{parent.name}-{recipe}-job{job.pk}"
-    dst = Path(settings.MEDIA_ROOT) / "checkpoints" / name
     info = {
-        "algorithm": recipe,
+        "algorithm": label or algorithm,
         "trained_by": algorithm,
         "hyperparameters": {**hp, "lr": config.lr},
         "data": source,
         "data_hash": _hash(data if algorithm == "sft" else [vars(x) for x in data]),
         "n_examples": len(data),
-        "steps": state.step,
-        "metrics": state.metrics,
-        "job_id": job.pk,
     }
-    save_checkpoint(
-        dst,
-        model.cfg,
-        model.state_dict(),
-        {**parent_meta.get("provenance", {}), "posttrain": info},
-        step=state.step,
-        metrics=state.metrics,
-        parent=parent.location,
-    )
-    _copy_tokenizer(Path(parent.location), dst)
-    version = _register(job, parent, name, dst, info)
-    runs = _queue_suites(version, suites, p.get("eval_limit"), job)
-    shutil.rmtree(work, ignore_errors=True)  # resume state is only needed until registration
-    return {"model_id": version.pk, "name": name, "steps": state.step, "eval_runs": runs}
+    return session.finish(result, info, suites)
+
+
+class Session:
+    """One training job's model and files: the parent loaded for training (with LoRA
+    adapters when asked), its tokenizer, the job's work directory (resume state, caches), the
+    live curves; ``finish`` saves, registers and queues the suites."""
+
+    def __init__(self, job: Job, parent: ModelVersion, hp: dict):
+        from models.checkpoint import CheckpointError, load_checkpoint, read_config
+
+        self.job, self.parent, self.hp = job, parent, hp
+        self.work = Path(settings.MEDIA_ROOT) / "train" / f"job{job.pk}"
+        try:
+            self.model = load_checkpoint(parent.location)
+            _, self.parent_meta = read_config(parent.location)
+        except CheckpointError as exc:
+            raise JobError(str(exc)) from exc
+        self.tokenizer = _tokenizer(parent.location)
+        self.curves = Curves(job)
+        if hp["lora_rank"]:
+            from models.lora import apply_lora
+
+            rank = hp["lora_rank"]
+            apply_lora(self.model, rank=rank, alpha=hp["lora_alpha"] or 2 * rank)
+
+    def resume_from(self):
+        """The last checkpoint an earlier attempt of this job wrote, if any."""
+        from models.train import latest_checkpoint
+
+        state = self.work / "state"
+        return latest_checkpoint(state) if state.exists() else None
+
+    def finish(self, result, info: dict, suites: list[str]) -> dict:
+        from models.checkpoint import save_checkpoint
+
+        self.curves.flush()
+        if self.hp["lora_rank"]:
+            from models.lora import merge_lora
+
+            merge_lora(self.model)
+        job, parent = self.job, self.parent
+        name = job.params.get("name") or f"{parent.name}-{info['algorithm']}-job{job.pk}"
+        dst = Path(settings.MEDIA_ROOT) / "checkpoints" / name
+        info = {**info, "steps": result.step, "metrics": result.metrics, "job_id": job.pk}
+        save_checkpoint(
+            dst,
+            self.model.cfg,
+            self.model.state_dict(),
+            {**self.parent_meta.get("provenance", {}), "posttrain": info},
+            step=result.step,
+            metrics=result.metrics,
+            parent=parent.location,
+        )
+        _copy_tokenizer(Path(parent.location), dst)
+        version = _register(job, parent, name, dst, info)
+        runs = _queue_suites(version, suites, job.params.get("eval_limit"), job)
+        shutil.rmtree(self.work, ignore_errors=True)  # resume state is only needed until now
+        return {"model_id": version.pk, "name": name, "steps": result.step, "eval_runs": runs}
 
 
 class Curves:
@@ -349,3 +369,109 @@ def _queue_suites(version: ModelVersion, names: list[str], limit, job: Job) -> l
         ).pk
         for name in names
     ]
+
+
+RL_DEFAULTS = {
+    "algorithm": "mdloo",
+    "k": 4,
+    "prompts_per_step": 8,
+    "iterations": 50,
+    "inner_steps": 4,
+    "max_new_tokens": 256,
+    "temperature": 1.0,
+    "md_t": 1.0,
+    "beta": 0.05,
+    "lr": None,  # None: 1e-6 full, 2e-5 LoRA
+}
+
+
+def run_rl(job: Job) -> dict:
+    """The body of ``posttrain.rl``: MDLOO (or the RLOO-with-clipping and REINFORCE
+    baselines) on constrained training prompts, rewarded by IFEval's checkers and, when given,
+    a registered reward model, combined by weights."""
+    from models.posttrain.rl import RLConfig, train_mdloo
+
+    p = job.params
+    parent = policy_param(p, "model_id")
+    hp, suites = training_params(p), suites_param(p)
+    prompts, reward_fn, source = rl_rewards(p)
+    rl = {k: p.get(k, v) for k, v in RL_DEFAULTS.items()}
+    session = Session(job, parent, hp)
+    try:
+        config = RLConfig(
+            algorithm=str(rl["algorithm"]),
+            k=int(rl["k"]),
+            prompts_per_step=int(rl["prompts_per_step"]),
+            iterations=int(rl["iterations"]),
+            inner_steps=int(rl["inner_steps"]),
+            max_new_tokens=int(rl["max_new_tokens"]),
+            temperature=float(rl["temperature"]),
+            md_t=float(rl["md_t"]),
+            beta=float(rl["beta"]),
+            lr=float(rl["lr"]) if rl["lr"] is not None else (2e-5 if hp["lora_rank"] else 1e-6),
+            seed=hp["seed"],
+            checkpoint_every=int(p.get("checkpoint_every", 10)),
+            checkpoint_dir=str(session.work / "state"),
+            device=p.get("device"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise JobError(f"RL parameters: {exc}") from exc
+    result = train_mdloo(
+        session.model,
+        session.tokenizer,
+        [c.prompt for c in prompts],
+        reward_fn,
+        config,
+        progress=session.curves.update,
+        resume_from=session.resume_from(),
+    )
+    info = {
+        "algorithm": config.algorithm,
+        "trained_by": "rl",
+        "hyperparameters": {**hp, **rl, "lr": config.lr},
+        "data": source,
+        "data_hash": _hash([vars(c) for c in prompts]),
+        "n_examples": len(prompts),
+    }
+    return session.finish(result, info, suites)
+
+
+def rl_rewards(p: dict):
+    """(constrained prompts, reward_fn, source description) for an RL job: AlpacaEval
+    instructions with IFEval-style constraints attached (never IFEval's own prompts), scored
+    by the checkers (``ifeval_weight``, default 1) plus a registered reward model
+    (``reward_model`` id, ``reward_weight``, default 1)."""
+    from suites.verifiers import (
+        IFEvalVerifier,
+        RewardModelScorer,
+        alpaca_eval_instructions,
+        build_constrained_prompts,
+        combine,
+        ifeval_prompts,
+    )
+
+    limit = int(p.get("limit", 256))
+    prompts = build_constrained_prompts(
+        alpaca_eval_instructions(limit), seed=int(p.get("seed", 0)), exclude=ifeval_prompts()
+    )
+    terms = []
+    if float(p.get("ifeval_weight", 1.0)):
+        verifier = IFEvalVerifier(prompts, all_or_nothing=bool(p.get("all_or_nothing", False)))
+        terms.append((float(p.get("ifeval_weight", 1.0)), verifier))
+    source = {"prompts": "alpaca-eval + constraints", "limit": limit, "terms": []}
+    if p.get("reward_model"):
+        from evalhub.rewards import reward_model_for
+
+        version = ModelVersion.objects.filter(
+            pk=p["reward_model"], kind=ModelVersion.REWARD
+        ).first()
+        if version is None:
+            raise JobError("'reward_model' must be the id of a registered reward model")
+        terms.append(
+            (float(p.get("reward_weight", 1.0)), RewardModelScorer(reward_model_for(version)))
+        )
+        source.update(reward_model=version.name, reward_model_id=version.pk)
+    if not terms:
+        raise JobError("no reward: give an ifeval_weight above 0 or a reward_model")
+    source["terms"] = [{"weight": w, "kind": type(fn).__name__} for w, fn in terms]
+    return prompts, combine(terms), source

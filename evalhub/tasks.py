@@ -164,3 +164,12 @@ def itec_round(job: Job) -> dict:
     from evalhub.itec import run_round
 
     return run_round(job)
+
+
+@job_task(kind="posttrain.rl", queue="models", soft_time_limit=48 * 3600)
+def posttrain_rl(job: Job) -> dict:
+    """Online RL (MDLOO; RLOO with clipping and REINFORCE as baselines) with verifier and
+    reward-model rewards; registers the result and queues the suites."""
+    from evalhub.posttrain import run_rl
+
+    return run_rl(job)

@@ -6,7 +6,7 @@ Features, with references:
 - one **iteration**: a batch of prompts, k responses each sampled from the current policy
   with the builtin engine (``models.generate.generate``: batched, KV-cached, the prompts'
   shared chat-template prefix run once), scored by ``reward_fn(prompts, responses)``
-  (``models.posttrain.verifiers`` has verifiers and a reward-model combination), then a few
+  (``suites.verifiers`` has verifiers and a reward-model combination), then a few
   gradient steps on the samples (Gunter et al. 2024, "Apple Intelligence Foundation Language
   Models", arXiv:2407.21075, §5.4.2);
 - **leave-one-out advantages** A_i = r_i − mean_{j≠i} r_j over the k responses of a prompt

@@ -183,6 +183,14 @@ def test_the_model_page_starts_a_posttrain_job_and_rejects_a_form_without_data(
     assert job.kind == "posttrain.dpo" and job.params["loss"] == "dpo"
     assert job.params["campaign_ids"] == [campaign.pk] and job.params["lora_rank"] == 8
     assert job.params["level_aware"] is True and job.params["suites"] == ["ifeval"]
+    client.post(
+        reverse("model_posttrain", args=[parent.pk]),
+        {"algorithm": "mdloo", "iterations": 5, "k": 3, "lora_rank": 4, "epochs": 1}
+        | {"batch_size": 8, "beta": 0.1},  # what the browser sends: every initial value
+    )
+    rl = Job.objects.get(kind="posttrain.rl")  # RL needs no campaign: its prompts are built
+    assert rl.params["algorithm"] == "mdloo" and rl.params["iterations"] == 5
+    assert rl.params["k"] == 3 and "campaign_ids" not in rl.params
 
 
 def test_manage_py_posttrain_runs_ipo_in_process_and_registers_the_result(parent, campaign):
@@ -208,3 +216,38 @@ def test_manage_py_posttrain_runs_ipo_in_process_and_registers_the_result(parent
     assert child.info["posttrain"]["algorithm"] == "ipo" and child.info["posttrain"]["steps"] == 2
     job = Job.objects.get(kind="posttrain.dpo")
     assert job.status == "succeeded" and job.progress == 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["mdloo", "reinforce"])
+def test_an_rl_job_rewards_constrained_prompts_and_registers_the_policy(algorithm, parent):
+    job = _run(
+        "posttrain.rl",
+        {
+            "model_id": parent.pk,
+            "algorithm": algorithm,
+            "limit": 4,
+            "k": 2,
+            "prompts_per_step": 2,
+            "iterations": 2,
+            "inner_steps": 2,
+            "max_new_tokens": 4,
+            "lr": 1e-3,
+            "lora_rank": 2,
+            "suites": ["ifeval"],
+            "eval_limit": 3,
+        },
+    )
+    assert job.status == "succeeded", job.error
+    child = ModelVersion.objects.get(pk=job.result["model_id"])
+    info = child.info["posttrain"]
+    assert info["algorithm"] == algorithm and info["steps"] == 2 and info["n_examples"] == 4
+    assert info["data"]["terms"] == [{"weight": 1.0, "kind": "IFEvalVerifier"}]
+    for metric in ("reward_mean", "kl_ref", "entropy", "response_length"):
+        assert len(job.data["curves"][metric]["value"]) == 2, metric
+    assert EvalRun.objects.get(model=child).suite == "ifeval"
+
+
+def test_an_rl_job_without_any_reward_term_fails_before_training(parent):
+    job = _run("posttrain.rl", {"model_id": parent.pk, "ifeval_weight": 0, "limit": 4})
+    assert job.status == "failed" and "no reward" in job.error
+    assert ModelVersion.objects.count() == 1
