@@ -251,3 +251,26 @@ def test_an_rl_job_without_any_reward_term_fails_before_training(parent):
     job = _run("posttrain.rl", {"model_id": parent.pk, "ifeval_weight": 0, "limit": 4})
     assert job.status == "failed" and "no reward" in job.error
     assert ModelVersion.objects.count() == 1
+
+
+def test_manage_py_posttrain_runs_mdloo(parent):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command(
+        "posttrain",
+        "--model=tiny-base",
+        "--algorithm=mdloo",
+        "--iterations=1",
+        "--k=2",
+        "--limit=2",
+        "--max-new-tokens=4",
+        "--lora-rank=2",
+        "--suites=",
+        "--name=tiny-rl",
+        stdout=out,
+    )
+    child = ModelVersion.objects.get(name="tiny-rl")
+    assert "registered tiny-rl" in out.getvalue() and child.info["posttrain"]["steps"] == 1

@@ -9,13 +9,18 @@ from core.jobs import KINDS, JobError, execute, job_submit
 from core.models import Job
 from evalhub.models import ModelVersion
 
+RL = ("mdloo", "rloo_clip", "reinforce")
+
 
 class Command(BaseCommand):
-    help = "SFT, DPO or IPO on a registered model (from campaigns or a JSONL file)."
+    help = (
+        "SFT, DPO or IPO (from campaigns or a JSONL file) or online RL (MDLOO and its "
+        "baselines, on constrained prompts) on a registered model."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True, help="registered model name")
-        parser.add_argument("--algorithm", required=True, choices=["sft", "dpo", "ipo"])
+        parser.add_argument("--algorithm", required=True, choices=RL + ("sft", "dpo", "ipo"))
         parser.add_argument("--campaign", type=int, action="append", dest="campaign_ids")
         parser.add_argument("--jsonl", help="conversations (SFT) or preference pairs (DPO/IPO)")
         parser.add_argument("--name", help="name of the result (default: derived)")
@@ -26,6 +31,11 @@ class Command(BaseCommand):
         parser.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tune")
         parser.add_argument("--beta", type=float, default=0.1)
         parser.add_argument("--hard-labels", action="store_true", help="DPO/IPO baseline")
+        parser.add_argument("--iterations", type=int, help="RL: outer iterations")
+        parser.add_argument("--k", type=int, help="RL: samples per prompt")
+        parser.add_argument("--limit", type=int, help="RL: constrained training prompts")
+        parser.add_argument("--max-new-tokens", type=int, help="RL: response length cap")
+        parser.add_argument("--reward-model", type=int, help="RL: a reward model's id")
         parser.add_argument("--suites", default="ifeval,gsm8k,mmlu", help="'' for none")
         parser.add_argument("--eval-limit", type=int, help="examples per suite")
         parser.add_argument("--submit", action="store_true", help="queue for the workers")
@@ -42,12 +52,17 @@ class Command(BaseCommand):
                 k: o[k]
                 for k in ("campaign_ids", "jsonl", "name", "lr", "epochs", "batch_size")
                 + ("max_steps", "lora_rank", "beta", "eval_limit")
+                + ("iterations", "k", "limit", "reward_model", "max_new_tokens")
                 if o[k] is not None
             },
         }
-        kind = "posttrain.sft" if algorithm == "sft" else "posttrain.dpo"
-        if algorithm != "sft":
+        kind = {"sft": "posttrain.sft", "dpo": "posttrain.dpo", "ipo": "posttrain.dpo"}.get(
+            algorithm, "posttrain.rl"
+        )
+        if kind == "posttrain.dpo":
             params["loss"] = algorithm
+        elif kind == "posttrain.rl":
+            params["algorithm"] = algorithm
         if submit:
             try:
                 job = job_submit(kind=kind, params=params)
