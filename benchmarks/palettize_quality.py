@@ -31,7 +31,7 @@ of the palettized model (prepacked, as the builtin backend runs it, and dequanti
 call) against fp32, one prompt of ``--decode-tokens`` tokens.
 
     .venv/bin/python benchmarks/palettize_quality.py [--calib-seqs 32] [--tokens 3000]
-        [--max-len 512] [--no-coreml] [--decode-tokens 48]
+        [--max-len 512] [--no-coreml] [--decode-tokens 48] [--no-gradients]
 
 The last line is machine-readable:
     kl_4bit=… kl_coreml=… bpw=… time_s=… time_coreml_s=… speedup_vs_coreml=…
@@ -196,9 +196,10 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48, help="0 skips decoding speed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--gradients",
+        "--no-gradients",
         action="store_true",
-        help="also weight by output-channel gradients (a backward pass per sequence)",
+        help="calibrate with forward passes only: no output-channel gradients (measured "
+        "worse: KL 0.543 against 0.459 with them)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,7 +221,7 @@ def main() -> None:
         print(f"calibration: {len(calib)} sequences, {sum(len(t) for t, _ in calib)} tokens")
         print(f"held out: {len(held_out)} sequences, {count} answer tokens")
 
-        model, reports, seconds = ours(ckpt, calib, args.gradients)
+        model, reports, seconds = ours(ckpt, calib, not args.no_gradients)
         bpw = scheme(reports)["bpw"]
         worst = max(reports, key=lambda r: r.error)
         print(
