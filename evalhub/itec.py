@@ -19,7 +19,7 @@ from django.db.models import Count
 from core.jobs import JobError, run_steps
 from core.models import Job
 from evalhub.generation import BATCH, campaign_from_rows, prompts_from
-from evalhub.models import EvalRun, ModelVersion
+from evalhub.models import ModelVersion
 from evalhub.posttrain import (
     policy_param,
     suites_param,
@@ -204,18 +204,12 @@ def _campaign(job: Job, prompts: list[str], candidates) -> Campaign | None:
 def rounds() -> list[dict]:
     """Every iTeC round, newest first, with what its page shows: members, reward model, the
     result's suite scores and the campaign's labelling progress."""
-    from suites import REGISTRY
+    from evalhub.leaderboard import latest_scores
 
     jobs = list(Job.objects.filter(kind=KIND).order_by("-created_at")[:100])
     model_ids = [j.result.get("model_id") for j in jobs if isinstance(j.result, dict)]
     campaign_ids = [j.result.get("campaign_id") for j in jobs if isinstance(j.result, dict)]
-    scores: dict[int, dict[str, dict]] = {}
-    runs = EvalRun.objects.filter(model_id__in=model_ids, metrics__isnull=False)
-    for run in runs.order_by("created_at"):
-        headline = REGISTRY[run.suite].headline if run.suite in REGISTRY else None
-        value = (run.metrics or {}).get(headline) if headline else None
-        if isinstance(value, dict):
-            scores.setdefault(run.model_id, {})[run.suite] = value
+    scores = latest_scores([i for i in model_ids if i])
     campaigns = {
         c.pk: c
         for c in Campaign.objects.filter(pk__in=campaign_ids).annotate(n_items=Count("items"))

@@ -15,15 +15,36 @@ from suites import REGISTRY
 from suites.stats import Votes, bradley_terry_intervals, preference_outcome
 
 
-def latest_runs() -> dict[tuple[str, str], EvalRun]:
+def latest_runs(model_ids: list[int] | None = None) -> dict[tuple[str, str], EvalRun]:
+    """The latest finished run of each (model name, suite), of every model or of these."""
+    runs = EvalRun.objects.filter(metrics__isnull=False)
+    if model_ids is not None:
+        runs = runs.filter(model_id__in=model_ids)
     latest = {}
-    for run in (
-        EvalRun.objects.filter(metrics__isnull=False)
-        .select_related("model")
-        .order_by("created_at", "id")
-    ):
+    for run in runs.select_related("model").order_by("created_at", "id"):
         latest[(run.model.name, run.suite)] = run  # later runs overwrite earlier ones
     return latest
+
+
+def headline_score(run: EvalRun) -> dict:
+    """A run's headline metric as the leaderboard shows it: mean, 95% interval, regressions."""
+    suite = REGISTRY.get(run.suite)
+    value = (run.metrics.get(suite.headline) if suite else None) or {}
+    return {
+        "run": run.pk,
+        "mean": value.get("mean"),
+        "ci_low": value.get("ci_low"),
+        "ci_high": value.get("ci_high"),
+        "regressions": run.regressions,
+    }
+
+
+def latest_scores(model_ids: list[int]) -> dict[int, dict[str, dict]]:
+    """model id → suite → ``headline_score`` of its latest finished run."""
+    scores: dict[int, dict[str, dict]] = defaultdict(dict)
+    for (_, suite), run in latest_runs(model_ids).items():
+        scores[run.model_id][suite] = headline_score(run)
+    return dict(scores)
 
 
 def preference_votes() -> Votes | None:
@@ -78,15 +99,7 @@ def leaderboard(bootstrap_rounds: int = 100) -> dict:
         for suite in suites:
             run = runs.get((name, suite))
             if run is not None:
-                headline = REGISTRY[suite].headline
-                value = run.metrics.get(headline) or {}
-                scores[suite] = {
-                    "run": run.pk,
-                    "mean": value.get("mean"),
-                    "ci_low": value.get("ci_low"),
-                    "ci_high": value.get("ci_high"),
-                    "regressions": run.regressions,
-                }
+                scores[suite] = headline_score(run)
         rows.append(
             {
                 "model": name,

@@ -7,6 +7,7 @@ from django.views.decorators.http import require_POST
 
 from core.access import researcher_required
 from core.jobs import job_submit
+from evalhub.compression import compression_table
 from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
 from grading.models import Campaign
@@ -119,6 +120,37 @@ class PosttrainForm(forms.Form):
         return "posttrain.dpo", {**params, "loss": algorithm}
 
 
+class CompressForm(forms.Form):
+    """Palettization of this model (``evalhub/compression.py``)."""
+
+    bits = forms.TypedChoiceField(
+        choices=[(4, "4-bit"), (2, "2-bit")], coerce=int, initial=4, label="Block projections"
+    )
+    embedding_bits = forms.TypedChoiceField(
+        choices=[(4, "4-bit"), (8, "8-bit"), (2, "2-bit"), ("", "keep fp32")],
+        coerce=int,
+        empty_value=None,
+        required=False,
+        initial=4,
+        label="Embedding (and tied head)",
+    )
+    calib_seqs = forms.IntegerField(
+        min_value=1, max_value=400, initial=16, label="Calibration sequences"
+    )
+    name = forms.SlugField(max_length=100, required=False, help_text="default: derived")
+    suites = forms.MultipleChoiceField(
+        choices=[(name, name) for name in sorted(REGISTRY)],
+        initial=["ifeval", "gsm8k", "mmlu"],
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="queued on the result",
+    )
+
+    def params(self, model: ModelVersion) -> dict:
+        data = {k: v for k, v in self.cleaned_data.items() if v not in ("",)}
+        return {**data, "model_id": model.pk}
+
+
 class TryForm(forms.Form):
     prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), max_length=20_000)
     max_tokens = forms.IntegerField(min_value=1, max_value=1024, initial=128)
@@ -159,18 +191,39 @@ def model_import_view(request):
 @researcher_required
 def model_detail(request, model_id: int):
     model = get_object_or_404(ModelVersion.objects.select_related("parent"), pk=model_id)
-    return _detail_page(request, model, PosttrainForm())
+    return _detail_page(request, model)
 
 
-def _detail_page(request, model: ModelVersion, posttrain: PosttrainForm, status: int = 200):
+def _detail_page(
+    request,
+    model: ModelVersion,
+    posttrain: PosttrainForm | None = None,
+    compress: CompressForm | None = None,
+    status: int = 200,
+):
+    trainable = model.backend == "builtin" and model.kind == "policy"
     context = {
         "model": model,
         "lineage": model.lineage(),
         "try_form": TryForm(),
-        "posttrain": posttrain if model.backend == "builtin" and model.kind == "policy" else None,
+        "posttrain": (posttrain or PosttrainForm()) if trainable else None,
+        "compress": (compress or CompressForm()) if trainable else None,
+        "compression": compression_table(model) if trainable else [],
         "children": model.children.all(),
     }
     return render(request, "evalhub/model_detail.html", context, status=status)
+
+
+@require_POST
+@researcher_required
+def model_compress(request, model_id: int):
+    """Palettize this model; the result appears in its compression table."""
+    model = get_object_or_404(ModelVersion, pk=model_id, backend="builtin", kind="policy")
+    form = CompressForm(request.POST)
+    if not form.is_valid():
+        return _detail_page(request, model, compress=form, status=400)
+    job = job_submit(kind="compress", params=form.params(model), user=request.user)
+    return redirect("job_detail", job_id=job.pk)
 
 
 @require_POST
@@ -180,7 +233,7 @@ def model_posttrain(request, model_id: int):
     model = get_object_or_404(ModelVersion, pk=model_id, backend="builtin", kind="policy")
     form = PosttrainForm(request.POST)
     if not form.is_valid():
-        return _detail_page(request, model, form, status=400)
+        return _detail_page(request, model, posttrain=form, status=400)
     kind, params = form.job(model)
     job = job_submit(kind=kind, params=params, user=request.user)
     return redirect("job_detail", job_id=job.pk)

@@ -173,3 +173,11 @@ def posttrain_rl(job: Job) -> dict:
     from evalhub.posttrain import run_rl
 
     return run_rl(job)
+
+
+@job_task(kind="compress", queue="models", soft_time_limit=12 * 3600)
+def compress(job: Job) -> dict:
+    """Palettize a registered model, measure it against its parent, register it."""
+    from evalhub.compression import run_compress
+
+    return run_compress(job)

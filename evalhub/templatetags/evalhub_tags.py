@@ -8,8 +8,8 @@ register = template.Library()
 @register.filter
 def num(value, digits=2):
     """A figure with ``digits`` decimals, or an em dash when it is missing or undefined (nan)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
+    if not isinstance(value, int | float) or (isinstance(value, float) and math.isnan(value)):
+        return "—"  # missing (None, or "" from a template lookup that found nothing), or nan
     return f"{value:.{int(digits)}f}"
 
 
@@ -94,4 +94,46 @@ def curve_plot(curve, width: int = 640, height: int = 180, name: str = "loss"):
         width - 4,
         height - 4,
         s1,
+    )
+
+
+@register.simple_tag
+def bpw_plot(rows, width: int = 480, height: int = 220):
+    """An SVG scatter of KL to the original (y) against bits per weight (x) for a model and
+    its compressed versions (``evalhub.compression.compression_table``), axes labelled."""
+    from django.utils.html import format_html, format_html_join
+
+    points = [
+        (r["bpw"], (r["quality"] or {}).get("kl", 0.0), r["model"].name)
+        for r in rows
+        if r["bpw"] is not None
+    ]
+    if len(points) < 2:
+        return ""
+    x_hi = max(p[0] for p in points) or 1.0
+    y_hi = max(p[1] for p in points) or 1.0
+    x = lambda v: 50 + (width - 70) * v / x_hi  # noqa: E731
+    y = lambda v: height - 30 - (height - 50) * v / y_hi  # noqa: E731
+    dots = format_html_join(
+        "",
+        '<circle cx="{}" cy="{}" r="4" fill="#2f6fed"><title>{}: {} bpw, KL {}</title></circle>',
+        [(f"{x(b):.1f}", f"{y(k):.1f}", name, f"{b:.2f}", f"{k:.4f}") for b, k, name in points],
+    )
+    return format_html(
+        '<svg class="plot" width="{}" height="{}" role="img" aria-label="KL against bits per '
+        'weight"><line x1="50" y1="{}" x2="{}" y2="{}" stroke="#999"/><line x1="50" y1="20" '
+        'x2="50" y2="{}" stroke="#999"/>{}<text x="{}" y="{}" font-size="11" '
+        'text-anchor="end">bits per weight (max {})</text><text x="4" y="14" '
+        'font-size="11">KL to original (max {})</text></svg>',
+        width,
+        height,
+        height - 30,
+        width - 10,
+        height - 30,
+        height - 30,
+        dots,
+        width - 10,
+        height - 8,
+        f"{x_hi:.2f}",
+        f"{y_hi:.4f}",
     )

@@ -38,8 +38,13 @@ def tiny_checkpoint(smollm2_gguf, tmp_path_factory):
 
 @pytest.fixture
 def parent(tiny_checkpoint):
+    from evalhub.registry import checkpoint_stats
+
     return ModelVersion.objects.create(
-        name="tiny-base", backend="builtin", location=str(tiny_checkpoint)
+        name="tiny-base",
+        backend="builtin",
+        location=str(tiny_checkpoint),
+        **checkpoint_stats(tiny_checkpoint),
     )
 
 

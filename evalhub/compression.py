@@ -1,0 +1,184 @@
+"""Compression jobs: palettize a registered model (k-means tables per 16 output channels, AFM
+2024 §5), calibrated on real text, measured against its parent on held-out text, saved as a
+small checkpoint and registered as a model compressed from its parent, with the suites queued
+on it. The maths is in ``models/palettize.py``; this module picks the text, calls it, stores
+the per-layer table and the quality figures the compression page shows.
+
+Text: AlpacaEval's GPT-4 answers in the chat template (real, varied, and none of them an
+evaluation prompt of ours); the first ``calib_seqs`` rows calibrate, rows from the end of
+the file measure, so the two never overlap.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+
+from core.jobs import JobError
+from core.models import Job
+from evalhub.models import ModelVersion
+from evalhub.posttrain import _queue_suites, policy_param, suites_param
+
+DEFAULTS = {"bits": 4, "embedding_bits": 4, "calib_seqs": 16, "eval_seqs": 8, "max_len": 384}
+
+
+def text_sequences(tokenizer, rows: list[dict], max_len: int) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first answer token) per row: the instruction as one user
+    turn in the chat template, then the answer, cut at ``max_len`` tokens."""
+    out = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}])
+        ids = tokenizer.encode(prompt)
+        out.append(((ids + tokenizer.encode(row["response"]))[:max_len], len(ids)))
+    return out
+
+
+def run_compress(job: Job) -> dict:
+    """The body of the ``compress`` job."""
+    import torch
+
+    from models.checkpoint import load_checkpoint, save_palettized
+    from models.palettize import Calibration, palettize_model, scheme
+    from models.tokenizer import load_tokenizer
+    from suites.prompts import alpaca_eval_singles
+
+    p = {**DEFAULTS, **job.params}
+    parent = policy_param(p, "model_id")
+    suites = suites_param(p)
+    bits, emb_bits = int(p["bits"]), p["embedding_bits"]
+    layer_bits = p.get("layer_bits") or {}
+    if bits not in (2, 4) or (emb_bits is not None and int(emb_bits) not in (2, 4, 8)):
+        raise JobError("'bits' must be 2 or 4 and 'embedding_bits' 2, 4, 8 or null")
+    if not isinstance(layer_bits, dict) or any(v not in (2, 4) for v in layer_bits.values()):
+        raise JobError("'layer_bits' must map projection names to 2 or 4")
+    tokenizer = load_tokenizer(parent.location)
+    rows = list(alpaca_eval_singles())
+    n_calib, n_eval = int(p["calib_seqs"]), int(p["eval_seqs"])
+    if n_calib < 1 or n_eval < 1 or n_calib + n_eval > len(rows):
+        raise JobError(f"'calib_seqs' + 'eval_seqs' must be between 2 and {len(rows)}")
+    model = load_checkpoint(parent.location)
+    max_len = min(int(p["max_len"]), model.cfg.max_seq_len)
+    calib = text_sequences(tokenizer, rows[:n_calib], max_len)
+    held_out = text_sequences(tokenizer, rows[-n_eval:], max_len)
+    calib_hash = hashlib.sha256(json.dumps([t for t, _ in calib]).encode()).hexdigest()
+
+    job.report(0.05, f"calibrating on {len(calib)} sequences")
+    start = time.perf_counter()
+    with Calibration.of(model) as calibration, torch.inference_mode():
+        for tokens, _ in calib:
+            model.trunk(torch.tensor([tokens]))
+    job.report(0.2, "palettizing")
+    try:
+        reports = palettize_model(
+            model,
+            {name: int(b) for name, b in layer_bits.items()},
+            default_bits=bits,
+            embedding_bits=int(emb_bits) if emb_bits is not None else None,
+            calibration=calibration,
+        )
+    except KeyError as exc:
+        raise JobError(f"'layer_bits': {exc.args[0]}") from None
+    seconds = time.perf_counter() - start
+    job.report(0.8, "measuring against the original on held-out text")
+    quality = distribution_gap(load_checkpoint(parent.location), model, held_out)
+    weights = {**scheme(reports), "calibration_sha256": calib_hash}
+    name = p.get("name") or f"{parent.name}-pal{weights['bpw']:.2f}-job{job.pk}"
+    dst = Path(settings.MEDIA_ROOT) / "checkpoints" / name
+    save_palettized(dst, model, weights, parent.location)
+    info = {
+        "compression": {
+            "scheme": {k: v for k, v in weights.items() if k != "layers"},
+            "layers": [r.to_dict() for r in reports],
+            "quality": quality,
+            "seconds": round(seconds, 2),
+            "calibration": {"source": "alpaca-eval answers", "sequences": len(calib)},
+            "job_id": job.pk,
+        },
+        "config": parent.info.get("config"),
+    }
+    version = _register(job, parent, name, dst, info)
+    runs = _queue_suites(version, suites, p.get("eval_limit"), job)
+    return {
+        "model_id": version.pk,
+        "name": name,
+        "bits_per_weight": weights["bpw"],
+        "quality": quality,
+        "eval_runs": runs,
+    }
+
+
+def distribution_gap(original, model, sequences: list[tuple[list[int], int]]) -> dict:
+    """Mean KL(original ‖ model) per answer token, top-1 agreement with the original and
+    both perplexities, on ``sequences`` (token ids, first answer index)."""
+    import torch
+
+    kl = top1 = nll = nll_original = 0.0
+    n = 0
+    with torch.inference_mode():
+        for tokens, start in sequences:
+            ids = torch.tensor([tokens])
+            target = ids[0, start:]
+            ref = original(ids)[0, start - 1 : -1].float().log_softmax(-1)
+            lp = model(ids)[0, start - 1 : -1].float().log_softmax(-1)
+            kl += float((ref.exp() * (ref - lp)).sum())
+            top1 += float((lp.argmax(-1) == ref.argmax(-1)).sum())
+            nll += float(-lp.gather(1, target[:, None]).sum())
+            nll_original += float(-ref.gather(1, target[:, None]).sum())
+            n += len(target)
+    if n == 0:
+        raise JobError("the held-out text has no answer tokens")
+    return {
+        "kl": round(kl / n, 5),
+        "top1": round(top1 / n, 5),
+        "ppl": round(float(torch.tensor(nll / n).exp()), 4),
+        "ppl_original": round(float(torch.tensor(nll_original / n).exp()), 4),
+        "tokens": n,
+    }
+
+
+def _register(job: Job, parent: ModelVersion, name: str, path: Path, info: dict):
+    from evalhub.registry import checkpoint_stats
+
+    stats = checkpoint_stats(path)
+    stats["bits_per_weight"] = info["compression"]["scheme"]["bpw"]  # tables counted exactly
+    with transaction.atomic():
+        version, _ = ModelVersion.objects.update_or_create(
+            name=name,
+            defaults=dict(
+                kind=ModelVersion.POLICY,
+                backend="builtin",
+                location=str(path),
+                relation=ModelVersion.COMPRESSED,
+                parent=parent,
+                created_by=job.created_by,
+                description=f"{parent.name} palettized (job {job.pk})",
+                info=info,
+                **stats,
+            ),
+        )
+    return version
+
+
+def compression_table(model: ModelVersion) -> list[dict]:
+    """The page's comparison: the model and every model compressed from it, with bits per
+    weight, size, quality against the original and the suites' headline scores."""
+    from evalhub.leaderboard import latest_scores
+
+    rows = [
+        model,
+        *model.children.filter(relation=ModelVersion.COMPRESSED).order_by("bits_per_weight"),
+    ]
+    scores = latest_scores([m.pk for m in rows])
+    return [
+        {
+            "model": m,
+            "bpw": m.bits_per_weight,
+            "size": m.size_bytes,
+            "quality": (m.info.get("compression") or {}).get("quality"),
+            "scores": scores.get(m.pk, {}),
+        }
+        for m in rows
+    ]
