@@ -1,0 +1,464 @@
+"""AFM's compression recipe on top of ``models.palettize``: mixed 2/4-bit palettes chosen by
+sensitivity, and a LoRA adapter trained to recover what compression lost (Gunter et al. 2024,
+arXiv:2407.21075 §5: palettized 4-bit by default and 2-bit where it costs little, ~3.5 bits
+per weight on average, then rank-16 "accuracy-recovery adapters" on the frozen base).
+
+- ``layer_sensitivity``: for every block projection (and the embedding with its tied head,
+  if asked), the increase of KL(original ‖ model) per token on calibration text when that one
+  layer alone goes to 2-bit. This is ZeroQ's sensitivity (Cai et al. 2020, arXiv:2001.00281
+  §3.2: KL between the full-precision model and the model with only layer i quantized),
+  measured by default against the all-4-bit model rather than fp32 (``baseline``): the
+  allocation moves layers from 4 to 2 bits, so the marginal cost to measure is 4 → 2 with the
+  others at the 4-bit they will have. The original logits are computed once, each block's
+  input once, and a measurement runs only the blocks from the changed one on;
+- ``choose_bits``: the set of low-bit layers that reaches a target average bits per weight
+  (indices and tables of every palettized tensor counted, exactly as
+  ``models.palettize.scheme``) with the least predicted loss, the sum of the chosen layers'
+  KL impacts (additive, ZeroQ §3.3 and HAWQ-V2, Dong et al. 2020, arXiv:1911.03852, take
+  layer sensitivities as additive too): a multiple-choice knapsack solved exactly by dynamic
+  programming over the bytes saved, in units of their greatest common divisor (a handful of
+  distinct shapes make that small: 30,605 states for SmolLM2 at 3.5 bpw);
+- ``train_recovery_adapter``: rank-16 LoRA (``models.lora.apply_lora``: q/k/v, o, gate/up,
+  down of every block, as AFM) on the frozen palettized model, trained through
+  ``models.train.train`` by distillation from the uncompressed model, KL(original ‖ student)
+  per token on real text (Hinton et al. 2015, arXiv:1503.02531; AFM §5 trains its recovery
+  adapters the same way on the pre-training data); the teacher's top-k log-probabilities
+  are computed once, before training, and the rest of its mass kept as one tail bucket;
+  adapters are trained in fp32 and rounded to fp16 at the end (AFM ships 16-bit adapters);
+- ``distribution_gap``: mean KL(original ‖ model) per token, top-1 agreement and
+  perplexity on held-out text, the figures ``benchmarks/palettize_quality.py`` reports.
+
+Passes without gradients run under ``torch.no_grad``, not ``inference_mode``: palettize's
+per-thread dequantization buffer, once allocated under inference mode, cannot be written by
+a later pass with autograd on (the recovery adapter's training).
+
+Text comes as ``TextBatch`` pairs (input_ids (B, T), completion_mask (B, T)), right-padded,
+as ``models.train.pack_completions`` builds them: a position counts when the token it
+predicts is marked.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from models.afm import AFM
+from models.kernels import CachedAttention
+from models.linear import TiedHead
+from models.lora import LoRALinear, apply_lora
+from models.palettize import GROUP_SIZE, Calibration, palettize_model
+from models.train import TrainConfig, TrainState, train
+
+# (input_ids (B, T) long, completion_mask (B, T) bool), right-padded
+TextBatch = tuple[torch.Tensor, torch.Tensor]
+ADAPTER_DTYPE = torch.float16  # AFM's adapters are 16-bit (arXiv:2407.21075 §5)
+TOP_K = 64  # teacher log-probs kept per token; SmolLM2's top 64 hold ~97% of its mass on text
+
+
+# ----------------------------------------------------------------------------- sensitivity
+@dataclass
+class LayerSensitivity:
+    """One palettizable tensor: its precision options (the default first), their storage in
+    bytes (packed indices + fp16 tables, as ``palette_bits``) and the KL increase per token,
+    in nats, of each option against the default (0 for the default itself)."""
+
+    name: str
+    shape: tuple[int, int]
+    bits: tuple[int, ...]
+    bytes: dict[int, int]
+    kl: dict[int, float]
+    seconds: float  # palettizing at every option and the measuring passes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate(model: AFM, batches: Sequence[torch.Tensor]) -> Calibration:
+    """Input second moments of every projection, the output head included (it palettizes
+    a tied embedding), from forward passes over ``batches`` ((B, T) ids each)."""
+    with Calibration.of(model) as calibration, torch.no_grad():
+        for ids in batches:
+            model(ids)
+    return calibration
+
+
+def _rope(model: AFM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T = ids.shape
+    positions = torch.arange(T, device=ids.device).expand(B, T)
+    return model.rope_cos[positions].unsqueeze(2), model.rope_sin[positions].unsqueeze(2)
+
+
+def _block_inputs(model: AFM, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's input (B, T, dim) in a full causal pass over ``ids`` (B, T), as
+    ``AFM.trunk`` computes them (no cache, no padding: SDPA's causal flag)."""
+    cos, sin = _rope(model, ids)
+    attention = CachedAttention(None, 0, None, None)
+    x, inputs = model.tok_emb(ids), []
+    for block in model.blocks:
+        inputs.append(x)
+        x = block(x, cos, sin, attention)
+    return inputs
+
+
+def _tail_log_probs(model: AFM, x: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (B·T, V) from block ``start``'s input ``x`` on."""
+    cos, sin = _rope(model, ids)
+    attention = CachedAttention(None, 0, None, None)
+    for block in model.blocks[start:]:
+        x = block(x, cos, sin, attention)
+    return model.head(model.norm(x)).float().log_softmax(-1).flatten(0, -2)
+
+
+def _kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    """Mean KL(ref ‖ lp) per row of log-probabilities (N, V)."""
+    return float((ref.exp() * (ref - lp)).sum() / ref.shape[0])
+
+
+def _swap(model: AFM, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``name`` (``tok_emb``: the embedding and its tied head); return
+    what was there."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = getattr(owner, child)
+    setattr(owner, child, module)
+    if name == "tok_emb" and model.cfg.tie_embeddings:
+        model.lm_head = TiedHead(module)  # type: ignore[arg-type]
+    return old
+
+
+def _first_block(name: str) -> int:
+    """The block a layer sits in (``blocks.3.mlp.w2`` -> 3); 0 for the embedding."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" else 0
+
+
+def layer_sensitivity(
+    model: AFM,
+    calibration_ids: torch.Tensor,
+    bits: int = 2,
+    *,
+    base_bits: int = 4,
+    baseline: str = "palettized",
+    embedding: bool = False,
+    calibration: Calibration | None = None,
+    group_size: int = GROUP_SIZE,
+    progress: Callable[[int, int, LayerSensitivity], None] | None = None,
+) -> list[LayerSensitivity]:
+    """The KL increase per token on ``calibration_ids`` (B, T) when one layer alone is
+    palettized at ``bits`` instead of ``base_bits``, for every block projection (fused
+    q/k/v and gate/up count as one: they are palettized as one matrix) and, with
+    ``embedding``, the input embedding with its tied head. Rows in model order, embedding
+    last, ready for ``choose_bits``; ``model`` (dense, CPU) is left as it was.
+
+    baseline: "palettized" (default) measures against the model with every layer at
+        ``base_bits``, what the allocation starts from; "fp32" against the others dense
+        (ZeroQ's choice), cheaper to reason about but blind to errors compounding.
+    calibration: statistics that fit the palettes (default: forward passes over
+        ``calibration_ids``); layers at both precisions are fitted once from them, by
+        ``palettize_model`` on copies of ``model``, and swapped in and out.
+
+    Cost: the original logits once, each block's baseline input once, then per layer one
+    pass through the blocks from its own on and the head (on average about 60% of a full
+    forward on SmolLM2, whose head is a fifth of its matmuls)."""
+    if baseline not in ("palettized", "fp32"):
+        raise ValueError(f"baseline must be 'palettized' or 'fp32', not {baseline!r}")
+    if calibration is None:
+        calibration = calibrate(model, [calibration_ids])
+    emb = (lambda b: b) if embedding else (lambda b: None)
+    variants, reports = {}, {}
+    for b in (base_bits, bits):
+        variants[b] = copy.deepcopy(model)
+        found = palettize_model(
+            variants[b],
+            default_bits=b,
+            embedding_bits=emb(b),
+            calibration=calibration,
+            group_size=group_size,
+        )
+        reports[b] = {r.name: r for r in found}
+    work = variants[base_bits] if baseline == "palettized" else model
+    table = []
+    with torch.no_grad():
+        reference = model(calibration_ids).float().log_softmax(-1).flatten(0, -2)  # (B·T, V)
+        inputs = _block_inputs(work, calibration_ids)
+        base_kl = _kl(reference, _tail_log_probs(work, inputs[0], 0, calibration_ids))
+        for name, low in reports[bits].items():
+            start = time.perf_counter()
+            lowered = variants[bits]
+            new = lowered.tok_emb if name == "tok_emb" else lowered.get_submodule(name)
+            old = _swap(work, name, new)
+            try:
+                i = _first_block(name)
+                x = work.tok_emb(calibration_ids) if name == "tok_emb" else inputs[i]
+                kl = _kl(reference, _tail_log_probs(work, x, i, calibration_ids))
+            finally:
+                _swap(work, name, old)
+            high = reports[base_bits][name]
+            row = LayerSensitivity(
+                name=name,
+                shape=low.shape,
+                bits=(base_bits, bits),
+                bytes={base_bits: high.bytes, bits: low.bytes},
+                kl={base_bits: 0.0, bits: kl - (base_kl if baseline == "palettized" else 0.0)},
+                seconds=high.seconds + low.seconds + time.perf_counter() - start,
+            )
+            table.append(row)
+            if progress is not None:
+                progress(len(table), len(reports[bits]), row)
+    return table
+
+
+# ---------------------------------------------------------------------------- allocation
+class Allocation(NamedTuple):
+    """Bits per layer (for ``palettize_model(bits=...)``), the exact bits per weight they
+    give (``palettize.scheme``'s figure) and the predicted KL increase (sum of impacts)."""
+
+    bits: dict[str, int]
+    bpw: float
+    kl: float
+
+
+def _bpw(table: Sequence[LayerSensitivity], bits: dict[str, int]) -> float:
+    total = sum(8 * row.bytes[bits[row.name]] for row in table)
+    return total / sum(row.shape[0] * row.shape[1] for row in table)
+
+
+def choose_bits(
+    table: Sequence[LayerSensitivity], target_bpw: float = 3.5, *, max_states: int = 100_000
+) -> Allocation:
+    """The precision of every layer in ``table`` that brings the average bits per weight to
+    ``target_bpw`` or below with the least sum of KL impacts (AFM's 3.5 bpw default,
+    arXiv:2407.21075 §5). Every row's first option is its default; others must not be larger.
+
+    Exact: a multiple-choice knapsack over the bytes saved against the defaults, in units of
+    their greatest common divisor, states capped at the saving needed. When that needs more
+    than ``max_states`` states the savings are counted in coarser units, rounded down, so the
+    target is still met (then the optimum is over those rounded savings).
+    ValueError when even the smallest option everywhere misses the target."""
+    weights = sum(row.shape[0] * row.shape[1] for row in table)
+    default = {row.name: row.bits[0] for row in table}
+    saving = [{b: row.bytes[row.bits[0]] - row.bytes[b] for b in row.bits[1:]} for row in table]
+    if any(s < 0 for options in saving for s in options.values()):
+        raise ValueError("an option is larger than its row's default (the first)")
+    need = math.ceil(sum(8 * row.bytes[row.bits[0]] for row in table) - target_bpw * weights)
+    need = -(-need // 8)  # bytes: every tensor's storage is whole bytes
+    if need <= 0:
+        return Allocation(default, _bpw(table, default), 0.0)
+    unit = math.gcd(*(s for options in saving for s in options.values() if s > 0)) or 1
+    unit = max(unit, -(-need // (max_states - 1)))
+    S = -(-need // unit)  # states 0..S: saving reached, in units, capped at the need
+    best = torch.full((S + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    steps = []  # per row: (option taken at each state, predecessor state)
+    states = torch.arange(S + 1)
+    for row, options in zip(table, saving, strict=True):
+        new, pred = best.clone(), states.clone()
+        taken = torch.zeros(S + 1, dtype=torch.long)  # 0: the default
+        for k, b in enumerate(row.bits[1:], 1):
+            u, cost = min(options[b] // unit, S), row.kl[b]
+            cand = torch.full_like(best, math.inf)
+            cand[u:S] = best[: S - u] + cost
+            src = states.clone()
+            src[u:S] -= u
+            tail = best[S - u :]  # every state that reaches the cap with this option
+            j = int(tail.argmin())
+            cand[S], src[S] = tail[j] + cost, S - u + j
+            better = cand < new
+            new, pred = torch.where(better, cand, new), torch.where(better, src, pred)
+            taken[better] = k
+        best = new
+        steps.append((taken, pred))
+    if not math.isfinite(float(best[S])):
+        lowest = {row.name: min(row.bits, key=row.bytes.__getitem__) for row in table}
+        raise ValueError(f"{target_bpw} bpw is out of reach: {_bpw(table, lowest):.4f} at best")
+    chosen, s = dict(default), S
+    for row, (taken, pred) in zip(reversed(table), reversed(steps), strict=True):
+        k = int(taken[s])
+        chosen[row.name] = row.bits[k]
+        s = int(pred[s])
+    return Allocation(chosen, _bpw(table, chosen), sum(r.kl[chosen[r.name]] for r in table))
+
+
+# ------------------------------------------------------------------------------ recovery
+class _Target(NamedTuple):
+    """One sequence to distil on: ids (T,), the mask (T,) of tokens whose prediction counts
+    (trailing padding cut), and the teacher at those n positions: its top-k log-probs (n, k),
+    their token ids (n, k) and the log of the mass outside them (n,)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    top_lp: torch.Tensor
+    top_ids: torch.Tensor
+    tail_lp: torch.Tensor
+
+
+def _counted_log_probs(model: AFM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (n, V) at the n positions whose next token is marked in ``mask``
+    (B, T); only those go through the output head, as ``train.sequence_logprobs``."""
+    hidden = model.trunk(ids[:, :-1])  # (B, T-1, dim): position t predicts token t + 1
+    return model.head(hidden[mask[:, 1:]]).float().log_softmax(-1)
+
+
+def _tail(lp: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """log Σ exp(lp) over the tokens not in ``top_ids``, per row (n,), exactly (no
+    1 - Σ top subtraction to lose digits in)."""
+    return lp.scatter(-1, top_ids, -math.inf).logsumexp(-1)
+
+
+def _teacher(original: AFM, batches: Sequence[TextBatch], top_k: int) -> list[_Target]:
+    """The original's top-k targets for every row of ``batches``, once."""
+    out = []
+    with torch.no_grad():
+        for ids, mask in batches:
+            lp = _counted_log_probs(original, ids, mask)  # (n, V)
+            k = min(top_k, lp.shape[-1] - 1)  # the tail keeps at least one token
+            top_lp, top_ids = lp.topk(k, dim=-1)
+            tail = _tail(lp, top_ids)
+            counts = mask[:, 1:].sum(1).tolist()
+            splits = (top_lp.split(counts), top_ids.split(counts), tail.split(counts))
+            parts = zip(*splits, strict=True)
+            for row, (tl, ti, tt) in enumerate(parts):
+                marked = mask[row].nonzero()
+                end = int(marked[-1]) + 1 if len(marked) else 1
+                out.append(_Target(ids[row, :end], mask[row, :end], tl, ti.int(), tt))
+    return out
+
+
+def topk_kl(
+    lp: torch.Tensor, top_lp: torch.Tensor, top_ids: torch.Tensor, tail_lp: torch.Tensor
+) -> torch.Tensor:
+    """KL(teacher ‖ student) per position (n,) between the two distributions coarsened to
+    the teacher's top-k tokens plus one bucket for the rest: a lower bound of the full KL
+    (coarsening never increases it) that equals it when the tail holds no mass.
+    lp: the student's log-probs (n, V); the teacher's top-k log-probs (n, k), their token
+    ids (n, k) and the log of its mass outside them (n,)."""
+    top_ids = top_ids.long()
+    q_top, q_tail = lp.gather(-1, top_ids), _tail(lp, top_ids)
+    head = (top_lp.exp() * (top_lp - q_top)).sum(-1)
+    return head + tail_lp.exp() * (tail_lp - q_tail)
+
+
+def _pack(rows: Sequence[_Target], device: torch.device) -> TextBatch:
+    T = max(len(r.ids) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.ids)], mask[i, : len(r.mask)] = r.ids, r.mask
+    return ids.to(device), mask.to(device)
+
+
+@dataclass
+class Recovery:
+    """A trained recovery adapter: the wrappers on the model, metrics per optimizer step
+    ("step", "loss" = top-k KL nats/token, "top1" agreement with the teacher, "lr",
+    "grad_norm"), the adapter's size stored at 16 bits (counted apart from the base, as
+    AFM counts its adapters), and the loop's final state."""
+
+    adapters: list[LoRALinear]
+    metrics: list[dict[str, float]]
+    adapter_bytes: int
+    state: TrainState
+
+
+def train_recovery_adapter(
+    compressed: AFM,
+    original: AFM,
+    token_batches: Sequence[TextBatch],
+    config: TrainConfig,
+    rank: int = 16,
+    *,
+    alpha: float | None = None,
+    top_k: int = TOP_K,
+    seed: int = 0,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> Recovery:
+    """Put rank-``rank`` LoRA on every attention and feed-forward projection of the
+    palettized ``compressed`` (frozen; AFM's rank 16, arXiv:2407.21075 §5) and train it to
+    match ``original``'s next-token distributions on ``token_batches``: the mean over marked
+    tokens of ``topk_kl``, through ``models.train.train`` (examples are rows, weighted by
+    their marked tokens). The teacher runs once per row, before training, keeping ``top_k``
+    log-probs per token (64 × 12 bytes against SmolLM2's 49,152 × 4); ``original`` can be
+    dropped afterwards. α defaults to 2·rank (``apply_lora``'s scale 2).
+
+    The adapters train in fp32 and end rounded to fp16: the returned model is what a 16-bit
+    adapter computes. They stay separate from the base (no merge), as AFM ships them."""
+    targets = _teacher(original, token_batches, top_k)
+    adapters = apply_lora(compressed, rank, 2.0 * rank if alpha is None else alpha, seed=seed)
+    tokens = torch.tensor([int(t.mask[1:].sum()) for t in targets], dtype=torch.float64)
+
+    def loss_fn(indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        rows = [targets[int(i)] for i in indices]
+        device = compressed.device
+        ids, mask = _pack(rows, device)
+        lp = _counted_log_probs(compressed, ids, mask)  # (n, V)
+        # the teacher's top_lp, top_ids and tail_lp over the batch's n positions, in order
+        teacher = [torch.cat([r[i] for r in rows]).to(device) for i in (2, 3, 4)]
+        kl = topk_kl(lp, *teacher)
+        agree = (lp.argmax(-1) == teacher[1][:, 0].long()).float().mean()
+        return kl.mean(), {"top1": float(agree)}
+
+    metrics: list[dict[str, float]] = []
+
+    def record(step: int, total: int, m: dict[str, float]) -> None:
+        metrics.append({"step": float(step), **m})
+        if progress is not None:
+            progress(step, total, m)
+
+    state = train(
+        compressed,
+        loss_fn,
+        len(targets),
+        config,
+        units=lambda idx: float(tokens[idx].sum()),
+        progress=record,
+    )
+    compressed.eval()
+    with torch.no_grad():
+        for m in adapters:
+            m.lora_A.copy_(m.lora_A.to(ADAPTER_DTYPE))
+            m.lora_B.copy_(m.lora_B.to(ADAPTER_DTYPE))
+    return Recovery(adapters, metrics, adapter_bytes(adapters), state)
+
+
+def adapter_bytes(adapters: Sequence[LoRALinear]) -> int:
+    """Storage of the adapters' A and B at 16 bits a number."""
+    itemsize = torch.finfo(ADAPTER_DTYPE).bits // 8
+    return sum(itemsize * (m.lora_A.numel() + m.lora_B.numel()) for m in adapters)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def distribution_gap(
+    original: AFM, model: AFM, token_batches: Sequence[TextBatch]
+) -> dict[str, float]:
+    """How far ``model`` is from ``original`` on held-out text, over the marked tokens:
+    "kl" mean KL(original ‖ model) in nats per token, "top1" the share of positions where
+    their argmaxes agree, "ppl" and "ppl_original" the perplexities of the actual tokens,
+    "tokens" how many counted. The definitions of ``benchmarks/palettize_quality.py``."""
+    kl = top1 = nll = nll_original = 0.0
+    n = 0
+    with torch.no_grad():
+        for ids, mask in token_batches:
+            ref = _counted_log_probs(original, ids, mask)  # (n, V)
+            lp = _counted_log_probs(model, ids, mask)
+            target = ids[:, 1:][mask[:, 1:]][:, None]  # (n, 1)
+            kl += float((ref.exp() * (ref - lp)).sum())
+            top1 += float((lp.argmax(-1) == ref.argmax(-1)).sum())
+            nll -= float(lp.gather(1, target).sum())
+            nll_original -= float(ref.gather(1, target).sum())
+            n += len(target)
+    if n == 0:
+        raise ValueError("no marked tokens to evaluate on")
+    return {
+        "kl": kl / n,
+        "top1": top1 / n,
+        "ppl": math.exp(nll / n),
+        "ppl_original": math.exp(nll_original / n),
+        "tokens": float(n),
+    }
