@@ -42,6 +42,7 @@ import time
 import torch
 
 from models.afm import AFM, AFMConfig
+from models.checkpoint import hf_state_dict
 from models.preferences import Preference
 from models.reward import evaluate_reward_model, train_reward_model
 from models.reward_backbones import DecoderBackbone
@@ -125,26 +126,7 @@ def make_models(cfg: AFMConfig, seed: int):
             bos_token_id=None,
         )
     )
-    sd, hd, q, kv = afm.state_dict(), cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-    out = {
-        "model.embed_tokens.weight": sd["tok_emb.weight"],
-        "model.norm.weight": sd["norm.weight"],
-    }
-    for i in range(cfg.n_layers):
-        p, b = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = sd[p + "attn.wqkv.weight"].split([q * hd, kv * hd, kv * hd])
-        gate, up = sd[p + "mlp.w13.weight"].chunk(2)
-        out |= {
-            b + "self_attn.q_proj.weight": wq,
-            b + "self_attn.k_proj.weight": wk,
-            b + "self_attn.v_proj.weight": wv,
-            b + "self_attn.o_proj.weight": sd[p + "attn.wo.weight"],
-            b + "mlp.gate_proj.weight": gate,
-            b + "mlp.up_proj.weight": up,
-            b + "mlp.down_proj.weight": sd[p + "mlp.w2.weight"],
-            b + "input_layernorm.weight": sd[p + "attn_norm.weight"],
-            b + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
-        }
+    out = hf_state_dict(afm.state_dict(), cfg)
     missing, unexpected = hf.load_state_dict(out, strict=False)
     assert set(missing) <= {"score.weight"} and not unexpected, (missing, unexpected)
     hf.model.embed_tokens.requires_grad_(False)  # frozen on both sides

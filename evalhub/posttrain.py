@@ -251,7 +251,7 @@ class Session:
         return latest_checkpoint(state) if state.exists() else None
 
     def finish(self, result, info: dict, suites: list[str]) -> dict:
-        from models.checkpoint import save_checkpoint
+        from models.checkpoint import copy_tokenizer, save_checkpoint
 
         self.curves.flush()
         if self.hp["lora_rank"]:
@@ -271,7 +271,7 @@ class Session:
             metrics=result.metrics,
             parent=parent.location,
         )
-        _copy_tokenizer(Path(parent.location), dst)
+        copy_tokenizer(parent.location, dst)
         version = _register(job, parent, name, dst, info)
         runs = _queue_suites(version, suites, job.params.get("eval_limit"), job)
         shutil.rmtree(self.work, ignore_errors=True)  # resume state is only needed until now
@@ -322,15 +322,6 @@ def _tokenizer(location: str):
         return load_tokenizer(location)
     except FileNotFoundError as exc:
         raise JobError(str(exc)) from exc
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """The parent's tokenizer and chat template travel with the trained weights unchanged."""
-    from models.checkpoint import CONFIG, WEIGHTS
-
-    for f in src.iterdir():
-        if f.is_file() and f.name not in (CONFIG, WEIGHTS):
-            shutil.copy2(f, dst / f.name)
 
 
 def _register(job: Job, parent: ModelVersion, name: str, path: Path, info: dict) -> ModelVersion:

@@ -233,6 +233,81 @@ def _hf_state_dict(src: Path, cfg: AFMConfig) -> dict[str, torch.Tensor]:
     return sd
 
 
+def hf_llama_config(cfg: AFMConfig) -> dict:
+    """transformers' ``LlamaConfig`` fields for an AFM without q/k norms (what ``_hf_config``
+    reads back)."""
+    if cfg.qk_norm:
+        raise CheckpointError("a model with q/k norms has no Llama equivalent")
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_base,
+        "max_position_embeddings": cfg.max_seq_len,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+    }
+
+
+def hf_state_dict(sd: dict[str, torch.Tensor], cfg: AFMConfig) -> dict[str, torch.Tensor]:
+    """An AFM state dict under Hugging Face Llama key names, the fused q/k/v and gate/up
+    projections split: the inverse of ``_hf_state_dict``. With it, a model we trained or an
+    adapter we exported (``models.lora.save_adapter``) runs in transformers and PEFT."""
+    hd = cfg.head_dim
+    out = {
+        "model.embed_tokens.weight": sd["tok_emb.weight"],
+        "model.norm.weight": sd["norm.weight"],
+    }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.n_layers):
+        p, b = f"blocks.{i}.", f"model.layers.{i}."
+        splits = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
+        wq, wk, wv = sd[p + "attn.wqkv.weight"].split(splits)
+        gate, up = sd[p + "mlp.w13.weight"].chunk(2)
+        out |= {
+            b + "self_attn.q_proj.weight": wq,
+            b + "self_attn.k_proj.weight": wk,
+            b + "self_attn.v_proj.weight": wv,
+            b + "self_attn.o_proj.weight": sd[p + "attn.wo.weight"],
+            b + "mlp.gate_proj.weight": gate,
+            b + "mlp.up_proj.weight": up,
+            b + "mlp.down_proj.weight": sd[p + "mlp.w2.weight"],
+            b + "input_layernorm.weight": sd[p + "attn_norm.weight"],
+            b + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
+        }
+    return out
+
+
+def export_hf(model: AFM, dst: str | os.PathLike, tokenizer_from: str | os.PathLike | None = None):
+    """Write ``model`` (dense weights) as a Hugging Face Llama directory (config.json and
+    model.safetensors, plus the tokenizer files of the checkpoint ``tokenizer_from``), which
+    transformers loads with ``from_pretrained`` and ``import_checkpoint`` imports back."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model.state_dict(), model.cfg)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, dst / WEIGHTS, metadata={"format": "pt"})
+    if tokenizer_from is not None:
+        copy_tokenizer(tokenizer_from, dst)
+    (dst / CONFIG).write_text(json.dumps(hf_llama_config(model.cfg), indent=2) + "\n")
+    return dst
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """The checkpoint ``src``'s tokenizer and chat template files, copied into ``dst``: a
+    trained, compressed or exported model keeps its parent's tokenizer unchanged."""
+    for f in Path(src).iterdir():
+        if f.is_file() and f.name not in (WEIGHTS, CONFIG):
+            shutil.copy2(f, Path(dst) / f.name)
+
+
 # ------------------------------------------------------------------------ our own format
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file, turning truncation and corruption into CheckpointError.
@@ -356,9 +431,7 @@ def save_palettized(
         parent=parent,
         weights=weights,
     )
-    for f in parent.iterdir():
-        if f.is_file() and f.name not in (WEIGHTS, CONFIG):
-            shutil.copy2(f, dst / f.name)
+    copy_tokenizer(parent, dst)
     return dst
 
 

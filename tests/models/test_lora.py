@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.afm import AFM, config_from_preset
+from models.checkpoint import hf_state_dict
 from models.linear import Int4Linear, Linear
 from models.lora import (
     LoRALinear,
@@ -227,27 +228,7 @@ def _hf_llama(model: AFM):
             tie_word_embeddings=True,
         )
     )
-    sd, hd = model.state_dict(), cfg.head_dim
-    out = {
-        "model.embed_tokens.weight": sd["tok_emb.weight"],
-        "model.norm.weight": sd["norm.weight"],
-    }
-    for i in range(cfg.n_layers):
-        p, b = f"blocks.{i}.", f"model.layers.{i}."
-        splits = [cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd]
-        wq, wk, wv = sd[p + "attn.wqkv.weight"].split(splits)
-        gate, up = sd[p + "mlp.w13.weight"].chunk(2)
-        out |= {
-            b + "self_attn.q_proj.weight": wq,
-            b + "self_attn.k_proj.weight": wk,
-            b + "self_attn.v_proj.weight": wv,
-            b + "self_attn.o_proj.weight": sd[p + "attn.wo.weight"],
-            b + "mlp.gate_proj.weight": gate,
-            b + "mlp.up_proj.weight": up,
-            b + "mlp.down_proj.weight": sd[p + "mlp.w2.weight"],
-            b + "input_layernorm.weight": sd[p + "attn_norm.weight"],
-            b + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
-        }
+    out = hf_state_dict(model.state_dict(), cfg)
     missing, unexpected = hf.load_state_dict(out, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
     return hf.eval()
