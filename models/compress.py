@@ -10,7 +10,9 @@ per weight on average, then rank-16 "accuracy-recovery adapters" on the frozen b
   measured by default against the all-4-bit model rather than fp32 (``baseline``): the
   allocation moves layers from 4 to 2 bits, so the marginal cost to measure is 4 → 2 with the
   others at the 4-bit they will have. The original logits are computed once, each block's
-  input once, and a measurement runs only the blocks from the changed one on;
+  input once, and a measurement runs only the blocks from the changed one on. The model is
+  palettized once per precision (``palettize_variants``) and layers swapped in and out;
+  ``assemble`` builds any mix from those same palettes;
 - ``choose_bits``: the set of low-bit layers that reaches a target average bits per weight
   (indices and tables of every palettized tensor counted, exactly as
   ``models.palettize.scheme``) with the least predicted loss, the sum of the chosen layers'
@@ -53,7 +55,7 @@ from models.afm import AFM
 from models.kernels import CachedAttention
 from models.linear import TiedHead
 from models.lora import LoRALinear, apply_lora
-from models.palettize import GROUP_SIZE, Calibration, palettize_model
+from models.palettize import GROUP_SIZE, Calibration, LayerReport, palettize_model
 from models.train import TrainConfig, TrainState, train
 
 # (input_ids (B, T) long, completion_mask (B, T) bool), right-padded
@@ -139,6 +141,55 @@ def _first_block(name: str) -> int:
     return int(parts[1]) if parts[0] == "blocks" else 0
 
 
+class Variant(NamedTuple):
+    """A copy of the model with every palettizable layer at one precision, and its reports."""
+
+    model: AFM
+    reports: dict[str, LayerReport]
+
+
+def palettize_variants(
+    model: AFM,
+    bits: Sequence[int] = (4, 2),
+    *,
+    embedding: bool = False,
+    calibration: Calibration | None = None,
+    group_size: int = GROUP_SIZE,
+) -> dict[int, Variant]:
+    """``model`` palettized at each of ``bits`` everywhere (with ``embedding``, the embedding
+    and tied head too), each by ``palettize_model`` on a copy, from the same ``calibration``.
+    Layers are fitted independently, so any mix of them (``assemble``) is exactly what
+    ``palettize_model`` gives for that mix: the sensitivity pass's palettes serve the final
+    model, and the model is palettized once per precision, not once more per allocation."""
+    variants = {}
+    for b in bits:
+        copied = copy.deepcopy(model)
+        reports = palettize_model(
+            copied,
+            default_bits=b,
+            embedding_bits=b if embedding else None,
+            calibration=calibration,
+            group_size=group_size,
+        )
+        variants[b] = Variant(copied, {r.name: r for r in reports})
+    return variants
+
+
+def _layer(model: AFM, name: str) -> nn.Module:
+    return model.tok_emb if name == "tok_emb" else model.get_submodule(name)
+
+
+def assemble(variants: dict[int, Variant], bits: dict[str, int]) -> AFM:
+    """A new model with each layer taken from the variant at ``bits[name]`` (a layer not in
+    ``bits`` at the precision of ``max(variants)``); ``variants`` are left as they were."""
+    default = max(variants)
+    model = copy.deepcopy(variants[default].model)
+    for name, b in bits.items():
+        if b != default:
+            _swap(model, name, copy.deepcopy(_layer(variants[b].model, name)))
+    return model
+
+
 def layer_sensitivity(
     model: AFM,
     calibration_ids: torch.Tensor,
@@ -148,6 +199,7 @@ def layer_sensitivity(
     baseline: str = "palettized",
     embedding: bool = False,
     calibration: Calibration | None = None,
+    variants: dict[int, Variant] | None = None,
     group_size: int = GROUP_SIZE,
     progress: Callable[[int, int, LayerSensitivity], None] | None = None,
 ) -> list[LayerSensitivity]:
@@ -161,57 +213,53 @@ def layer_sensitivity(
         ``base_bits``, what the allocation starts from; "fp32" against the others dense
         (ZeroQ's choice), cheaper to reason about but blind to errors compounding.
     calibration: statistics that fit the palettes (default: forward passes over
-        ``calibration_ids``); layers at both precisions are fitted once from them, by
-        ``palettize_model`` on copies of ``model``, and swapped in and out.
+        ``calibration_ids``). variants: ``palettize_variants`` at ``base_bits`` and ``bits``
+        made already (then ``embedding`` must say whether they include it); else made here.
 
     Cost: the original logits once, each block's baseline input once, then per layer one
     pass through the blocks from its own on and the head (on average about 60% of a full
     forward on SmolLM2, whose head is a fifth of its matmuls)."""
     if baseline not in ("palettized", "fp32"):
         raise ValueError(f"baseline must be 'palettized' or 'fp32', not {baseline!r}")
-    if calibration is None:
-        calibration = calibrate(model, [calibration_ids])
-    emb = (lambda b: b) if embedding else (lambda b: None)
-    variants, reports = {}, {}
-    for b in (base_bits, bits):
-        variants[b] = copy.deepcopy(model)
-        found = palettize_model(
-            variants[b],
-            default_bits=b,
-            embedding_bits=emb(b),
+    if variants is None:
+        if calibration is None:
+            calibration = calibrate(model, [calibration_ids])
+        variants = palettize_variants(
+            model,
+            (base_bits, bits),
+            embedding=embedding,
             calibration=calibration,
             group_size=group_size,
         )
-        reports[b] = {r.name: r for r in found}
-    work = variants[base_bits] if baseline == "palettized" else model
+    if ("tok_emb" in variants[bits].reports) != embedding:
+        raise ValueError(f"variants {'lack' if embedding else 'include'} the embedding")
+    high, low = variants[base_bits].reports, variants[bits].reports
+    work = variants[base_bits].model if baseline == "palettized" else model
     table = []
     with torch.no_grad():
         reference = model(calibration_ids).float().log_softmax(-1).flatten(0, -2)  # (B·T, V)
         inputs = _block_inputs(work, calibration_ids)
         base_kl = _kl(reference, _tail_log_probs(work, inputs[0], 0, calibration_ids))
-        for name, low in reports[bits].items():
+        for name, report in low.items():
             start = time.perf_counter()
-            lowered = variants[bits]
-            new = lowered.tok_emb if name == "tok_emb" else lowered.get_submodule(name)
-            old = _swap(work, name, new)
+            old = _swap(work, name, _layer(variants[bits].model, name))
             try:
                 i = _first_block(name)
                 x = work.tok_emb(calibration_ids) if name == "tok_emb" else inputs[i]
                 kl = _kl(reference, _tail_log_probs(work, x, i, calibration_ids))
             finally:
                 _swap(work, name, old)
-            high = reports[base_bits][name]
             row = LayerSensitivity(
                 name=name,
-                shape=low.shape,
+                shape=report.shape,
                 bits=(base_bits, bits),
-                bytes={base_bits: high.bytes, bits: low.bytes},
+                bytes={base_bits: high[name].bytes, bits: report.bytes},
                 kl={base_bits: 0.0, bits: kl - (base_kl if baseline == "palettized" else 0.0)},
-                seconds=high.seconds + low.seconds + time.perf_counter() - start,
+                seconds=high[name].seconds + report.seconds + time.perf_counter() - start,
             )
             table.append(row)
             if progress is not None:
-                progress(len(table), len(reports[bits]), row)
+                progress(len(table), len(low), row)
     return table
 
 

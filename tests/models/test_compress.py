@@ -14,10 +14,12 @@ from models.afm import AFM
 from models.compress import (
     LayerSensitivity,
     adapter_bytes,
+    assemble,
     calibrate,
     choose_bits,
     distribution_gap,
     layer_sensitivity,
+    palettize_variants,
     topk_kl,
     train_recovery_adapter,
 )
@@ -155,14 +157,28 @@ def test_choose_bits_gives_the_defaults_above_them_and_refuses_the_unreachable()
         choose_bits(table, 1.5)
 
 
-def test_allocation_bpw_is_what_palettize_reports_with_the_embedding(tiny_model):
+def test_allocation_bpw_is_what_palettize_reports_and_assemble_is_palettize_model(tiny_model):
     ids = _ids(2)
-    table = layer_sensitivity(tiny_model, ids, embedding=True)
+    calibration = calibrate(tiny_model, [ids])
+    variants = palettize_variants(tiny_model, (4, 2), embedding=True, calibration=calibration)
+    table = layer_sensitivity(tiny_model, ids, embedding=True, variants=variants)
     chosen = choose_bits(table, 3.5)
-    assert 3.0 < chosen.bpw <= 3.5
-    reports = palettize_model(copy.deepcopy(tiny_model), chosen.bits)
+    assert 3.0 < chosen.bpw <= 3.5 and set(chosen.bits.values()) == {2, 4}
+    direct = copy.deepcopy(tiny_model)
+    reports = palettize_model(direct, chosen.bits, calibration=calibration)
     assert scheme(reports)["bpw"] == chosen.bpw
     assert scheme(reports)["bits"] == chosen.bits
+    mixed = assemble(variants, chosen.bits)
+    assert mixed.state_dict().keys() == direct.state_dict().keys()
+    for name, tensor in mixed.state_dict().items():
+        assert torch.equal(tensor, direct.state_dict()[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(ids), direct(ids), rtol=0, atol=0)
+        before = variants[4].model(ids)
+    assert isinstance(variants[4].model.blocks[0].attn.wqkv, PalettizedLinear)
+    assert variants[4].model.blocks[0].attn.wqkv.bits == 4  # the variants are left alone
+    with torch.no_grad():
+        torch.testing.assert_close(variants[4].model(ids), before, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------ recovery
