@@ -37,12 +37,15 @@ def text_sequences(tokenizer, rows: list[dict], max_len: int) -> list[tuple[list
 
 
 def run_compress(job: Job) -> dict:
-    """The body of the ``compress`` job."""
+    """The body of the ``compress`` job: uniform ``bits`` (with ``layer_bits`` overrides), or
+    with ``target_bpw`` AFM's mixed 2/4-bit allocation by measured sensitivity."""
     import torch
 
     from models.checkpoint import load_checkpoint, save_palettized
-    from models.palettize import Calibration, palettize_model, scheme
+    from models.compress import calibrate, distribution_gap
+    from models.palettize import palettize_model, scheme
     from models.tokenizer import load_tokenizer
+    from models.train import pack_completions
     from suites.prompts import alpaca_eval_singles
 
     p = {**DEFAULTS, **job.params}
@@ -50,10 +53,13 @@ def run_compress(job: Job) -> dict:
     suites = suites_param(p)
     bits, emb_bits = int(p["bits"]), p["embedding_bits"]
     layer_bits = p.get("layer_bits") or {}
+    target = p.get("target_bpw")
     if bits not in (2, 4) or (emb_bits is not None and int(emb_bits) not in (2, 4, 8)):
         raise JobError("'bits' must be 2 or 4 and 'embedding_bits' 2, 4, 8 or null")
     if not isinstance(layer_bits, dict) or any(v not in (2, 4) for v in layer_bits.values()):
         raise JobError("'layer_bits' must map projection names to 2 or 4")
+    if target is not None and not 2.0 <= float(target) <= 4.5:
+        raise JobError("'target_bpw' must be between 2 and 4.5 bits per weight")
     tokenizer = load_tokenizer(parent.location)
     rows = list(alpaca_eval_singles())
     n_calib, n_eval = int(p["calib_seqs"]), int(p["eval_seqs"])
@@ -62,28 +68,34 @@ def run_compress(job: Job) -> dict:
     model = load_checkpoint(parent.location)
     max_len = min(int(p["max_len"]), model.cfg.max_seq_len)
     calib = text_sequences(tokenizer, rows[:n_calib], max_len)
-    held_out = text_sequences(tokenizer, rows[-n_eval:], max_len)
+    held_out = [
+        pack_completions([(t[:start], t[start:])])[:2]
+        for t, start in text_sequences(tokenizer, rows[-n_eval:], max_len)
+    ]
     calib_hash = hashlib.sha256(json.dumps([t for t, _ in calib]).encode()).hexdigest()
 
     job.report(0.05, f"calibrating on {len(calib)} sequences")
     start = time.perf_counter()
-    with Calibration.of(model) as calibration, torch.inference_mode():
-        for tokens, _ in calib:
-            model.trunk(torch.tensor([tokens]))
-    job.report(0.2, "palettizing")
-    try:
-        reports = palettize_model(
-            model,
-            {name: int(b) for name, b in layer_bits.items()},
-            default_bits=bits,
-            embedding_bits=int(emb_bits) if emb_bits is not None else None,
-            calibration=calibration,
-        )
-    except KeyError as exc:
-        raise JobError(f"'layer_bits': {exc.args[0]}") from None
+    calibration = calibrate(model, [torch.tensor([t]) for t, _ in calib])
+    sensitivity = None
+    if target is None:
+        job.report(0.2, "palettizing")
+        try:
+            reports = palettize_model(
+                model,
+                {name: int(b) for name, b in layer_bits.items()},
+                default_bits=bits,
+                embedding_bits=int(emb_bits) if emb_bits is not None else None,
+                calibration=calibration,
+            )
+        except KeyError as exc:
+            raise JobError(f"'layer_bits': {exc.args[0]}") from None
+    else:
+        model, reports, sensitivity = _mixed(job, model, calib, calibration, float(target))
     seconds = time.perf_counter() - start
-    job.report(0.8, "measuring against the original on held-out text")
-    quality = distribution_gap(load_checkpoint(parent.location), model, held_out)
+    job.report(0.85, "measuring against the original on held-out text")
+    gap = distribution_gap(load_checkpoint(parent.location), model, held_out)
+    quality = {k: round(v, 5) for k, v in gap.items()}
     weights = {**scheme(reports), "calibration_sha256": calib_hash}
     name = p.get("name") or f"{parent.name}-pal{weights['bpw']:.2f}-job{job.pk}"
     dst = Path(settings.MEDIA_ROOT) / "checkpoints" / name
@@ -92,6 +104,8 @@ def run_compress(job: Job) -> dict:
         "compression": {
             "scheme": {k: v for k, v in weights.items() if k != "layers"},
             "layers": [r.to_dict() for r in reports],
+            "sensitivity": sensitivity,
+            "target_bpw": target,
             "quality": quality,
             "seconds": round(seconds, 2),
             "calibration": {"source": "alpaca-eval answers", "sequences": len(calib)},
@@ -110,33 +124,28 @@ def run_compress(job: Job) -> dict:
     }
 
 
-def distribution_gap(original, model, sequences: list[tuple[list[int], int]]) -> dict:
-    """Mean KL(original ‖ model) per answer token, top-1 agreement with the original and
-    both perplexities, on ``sequences`` (token ids, first answer index)."""
+def _mixed(job: Job, model, calib, calibration, target: float):
+    """AFM's allocation: every palettizable tensor (embedding included) at 4 and 2 bits, the
+    KL cost of each one alone at 2 bits, and the cheapest set of 2-bit layers reaching
+    ``target`` bits per weight (an exact knapsack). Returns (model, reports, table rows)."""
     import torch
 
-    kl = top1 = nll = nll_original = 0.0
-    n = 0
-    with torch.inference_mode():
-        for tokens, start in sequences:
-            ids = torch.tensor([tokens])
-            target = ids[0, start:]
-            ref = original(ids)[0, start - 1 : -1].float().log_softmax(-1)
-            lp = model(ids)[0, start - 1 : -1].float().log_softmax(-1)
-            kl += float((ref.exp() * (ref - lp)).sum())
-            top1 += float((lp.argmax(-1) == ref.argmax(-1)).sum())
-            nll += float(-lp.gather(1, target[:, None]).sum())
-            nll_original += float(-ref.gather(1, target[:, None]).sum())
-            n += len(target)
-    if n == 0:
-        raise JobError("the held-out text has no answer tokens")
-    return {
-        "kl": round(kl / n, 5),
-        "top1": round(top1 / n, 5),
-        "ppl": round(float(torch.tensor(nll / n).exp()), 4),
-        "ppl_original": round(float(torch.tensor(nll_original / n).exp()), 4),
-        "tokens": n,
-    }
+    from models.compress import assemble, choose_bits, layer_sensitivity, palettize_variants
+
+    job.report(0.15, "palettizing at 4 and 2 bits")
+    variants = palettize_variants(model, (4, 2), embedding=True, calibration=calibration)
+    length = min(128, *(len(t) for t, _ in calib))
+    ids = torch.tensor([t[:length] for t, _ in calib[:8]])
+
+    def progress(done: int, total: int, row) -> None:
+        job.report(0.2 + 0.6 * done / max(total, 1), f"sensitivity {done}/{total}: {row.name}")
+
+    table = layer_sensitivity(model, ids, embedding=True, variants=variants, progress=progress)
+    allocation = choose_bits(table, target)
+    mixed = assemble(variants, allocation.bits)
+    reports = [variants[allocation.bits.get(r.name, 4)].reports[r.name] for r in table]
+    rows = [{**r.to_dict(), "chosen": allocation.bits.get(r.name, 4)} for r in table]
+    return mixed, reports, {"layers": rows, "predicted_kl": allocation.kl}
 
 
 def _register(job: Job, parent: ModelVersion, name: str, path: Path, info: dict):

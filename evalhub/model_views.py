@@ -134,6 +134,14 @@ class CompressForm(forms.Form):
         initial=4,
         label="Embedding (and tied head)",
     )
+    target_bpw = forms.FloatField(
+        min_value=2.0,
+        max_value=4.5,
+        required=False,
+        label="Target bits per weight",
+        help_text="AFM's mixed 2/4-bit by measured sensitivity, e.g. 3.5 (overrides the bits "
+        "above; every tensor and table counted)",
+    )
     calib_seqs = forms.IntegerField(
         min_value=1, max_value=400, initial=16, label="Calibration sequences"
     )
@@ -147,7 +155,9 @@ class CompressForm(forms.Form):
     )
 
     def params(self, model: ModelVersion) -> dict:
-        data = {k: v for k, v in self.cleaned_data.items() if v not in ("",)}
+        data = {k: v for k, v in self.cleaned_data.items() if v != ""}
+        if data.get("target_bpw") is None:
+            data.pop("target_bpw", None)
         return {**data, "model_id": model.pk}
 
 

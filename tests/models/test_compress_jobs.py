@@ -91,3 +91,29 @@ def test_the_model_page_starts_a_compression_job(parent, login, carol):  # noqa:
     assert job.params["embedding_bits"] is None and job.params["bits"] == 4
     bad = client.post(reverse("model_compress", args=[parent.pk]), {"bits": "3"})
     assert bad.status_code == 400 and Job.objects.count() == 1
+
+
+def test_a_mixed_precision_job_meets_its_target_and_shows_the_sensitivity_table(
+    parent,  # noqa: F811
+    login,
+    carol,
+):
+    job = _compress(
+        {
+            "model_id": parent.pk,
+            "target_bpw": 3.5,
+            "calib_seqs": 2,
+            "eval_seqs": 1,
+            "max_len": 48,
+            "suites": [],
+        }
+    )
+    assert job.status == "succeeded", job.error
+    child = ModelVersion.objects.get(pk=job.result["model_id"])
+    info = child.info["compression"]
+    rows = info["sensitivity"]["layers"]
+    assert len(rows) == 9  # 2 blocks × 4 projections and the embedding (tied head)
+    assert child.bits_per_weight <= 3.5 and {r["chosen"] for r in rows} == {2, 4}
+    assert {r["name"]: r["bits"] for r in info["layers"]} == {r["name"]: r["chosen"] for r in rows}
+    page = login(carol).get(reverse("model_detail", args=[child.pk])).content.decode()
+    assert "Sensitivity and chosen bits" in page and "2-bit" in page
