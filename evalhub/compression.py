@@ -191,3 +191,104 @@ def compression_table(model: ModelVersion) -> list[dict]:
         }
         for m in rows
     ]
+
+
+RECOVERY_DEFAULTS = {"rank": 16, "steps": 50, "lr": 1e-4, "batch_size": 4, "train_seqs": 64}
+
+
+def run_recovery(job: Job) -> dict:
+    """The body of ``adapter.recovery``: a rank-16 LoRA adapter on a compressed model, trained
+    by distillation from the model it was compressed from (AFM §5), registered as an adapter
+    of it and served as the compressed base plus the adapter (``BuiltinBackend(adapter=)``)."""
+    from models.checkpoint import load_checkpoint
+    from models.compress import distribution_gap, train_recovery_adapter
+    from models.lora import save_adapter
+    from models.tokenizer import load_tokenizer
+    from models.train import TrainConfig, pack_completions
+    from suites.prompts import alpaca_eval_singles
+
+    p = {**DEFAULTS, **RECOVERY_DEFAULTS, **job.params}
+    base = policy_param(p, "model_id")
+    original = base.parent
+    if base.relation != ModelVersion.COMPRESSED or original is None:
+        raise JobError("'model_id' must name a compressed model (its parent is the teacher)")
+    suites = suites_param(p)
+    rank, steps = int(p["rank"]), int(p["steps"])
+    if rank not in (8, 16, 32, 64) or steps < 1:
+        raise JobError("'rank' must be 8, 16, 32 or 64 and 'steps' at least 1")
+    tokenizer = load_tokenizer(base.location)
+    compressed, teacher = load_checkpoint(base.location), load_checkpoint(original.location)
+    max_len = min(int(p["max_len"]), compressed.cfg.max_seq_len)
+    rows = list(alpaca_eval_singles())
+    n_train, n_eval = int(p["train_seqs"]), int(p["eval_seqs"])
+    if n_train < 1 or n_eval < 1 or n_train + n_eval > len(rows):
+        raise JobError(f"'train_seqs' + 'eval_seqs' must be between 2 and {len(rows)}")
+
+    def batches(part: list[dict]):
+        return [
+            pack_completions([(t[:start], t[start:])])[:2]
+            for t, start in text_sequences(tokenizer, part, max_len)
+        ]
+
+    train_text, held_out = batches(rows[:n_train]), batches(rows[-n_eval:])
+    before = distribution_gap(teacher, compressed, held_out)
+    curves = _curves(job)
+    config = TrainConfig(
+        lr=float(p["lr"]),
+        batch_size=int(p["batch_size"]),
+        epochs=max(1, -(-steps * int(p["batch_size"]) // len(train_text))),
+        max_steps=steps,
+        warmup_ratio=0.05,
+        weight_decay=0.0,
+        seed=int(p.get("seed", 0)),
+        device=p.get("device"),
+    )
+    recovery = train_recovery_adapter(
+        compressed, teacher, train_text, config, rank, progress=curves.update
+    )
+    curves.flush()
+    after = distribution_gap(teacher, compressed, held_out)
+    name = p.get("name") or f"{base.name}-recovery-r{rank}-job{job.pk}"
+    dst = Path(settings.MEDIA_ROOT) / "adapters" / name
+    save_adapter(compressed, dst, base_model_name_or_path=original.name)
+    quality = {
+        "before": {k: round(v, 5) for k, v in before.items()},
+        "after": {k: round(v, 5) for k, v in after.items()},
+        "recovered": round(1 - after["kl"] / before["kl"], 4) if before["kl"] else None,
+    }
+    info = {
+        "adapter": {
+            "kind": "recovery",
+            "rank": rank,
+            "bytes_16bit": recovery.adapter_bytes,
+            "steps": recovery.state.step,
+            "teacher": original.name,
+            "quality": quality,
+            "job_id": job.pk,
+        },
+        "config": base.info.get("config"),
+    }
+    with transaction.atomic():
+        version, _ = ModelVersion.objects.update_or_create(
+            name=name,
+            defaults=dict(
+                kind=ModelVersion.ADAPTER,
+                backend="builtin",
+                location=base.location,
+                params={"adapter": str(dst)},
+                relation=ModelVersion.ADAPTED,
+                parent=base,
+                created_by=job.created_by,
+                description=f"rank-{rank} recovery adapter of {base.name} (job {job.pk})",
+                size_bytes=recovery.adapter_bytes,
+                info=info,
+            ),
+        )
+    runs = _queue_suites(version, suites, p.get("eval_limit"), job)
+    return {"model_id": version.pk, "name": name, "quality": quality, "eval_runs": runs}
+
+
+def _curves(job: Job):
+    from evalhub.posttrain import Curves
+
+    return Curves(job)

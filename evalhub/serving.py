@@ -20,6 +20,9 @@ from evalhub.registry import backend_for
 from models.backends import BackendError, GenerationArgs
 from models.backends.streaming import stream_text
 
+# What /v1 serves by name: policies, and adapters (their base with the adapter on).
+SERVED = (ModelVersion.POLICY, ModelVersion.ADAPTER)
+
 MAX_TOKENS_LIMIT = 4096
 
 
@@ -79,7 +82,7 @@ def list_models(request, body):
             "created": int(m.created_at.timestamp()),
             "owned_by": "evalhub",
         }
-        for m in ModelVersion.objects.filter(kind="policy")
+        for m in ModelVersion.objects.filter(kind__in=SERVED)
     ]
     return JsonResponse({"object": "list", "data": data})
 
@@ -108,7 +111,7 @@ def _args(body: dict) -> GenerationArgs:
 def _model(body: dict) -> ModelVersion:
     if not isinstance(body.get("model"), str):
         raise BadRequest("'model' is required")
-    return ModelVersion.objects.get(name=body["model"], kind="policy")
+    return ModelVersion.objects.get(name=body["model"], kind__in=SERVED)
 
 
 @openai_endpoint

@@ -181,3 +181,11 @@ def compress(job: Job) -> dict:
     from evalhub.compression import run_compress
 
     return run_compress(job)
+
+
+@job_task(kind="adapter.recovery", queue="models", soft_time_limit=12 * 3600)
+def adapter_recovery(job: Job) -> dict:
+    """A LoRA adapter that recovers a compressed model's accuracy, by distillation."""
+    from evalhub.compression import run_recovery
+
+    return run_recovery(job)

@@ -11,6 +11,7 @@ from models.backends.base import GenerationArgs, TokenBackend
 from models.checkpoint import default_device, load_checkpoint, read_config
 from models.draft import Int4Draft
 from models.generate import Draft, generate
+from models.lora import load_adapter
 from models.prefix import PrefixScorer
 from models.tokenizer import load_tokenizer
 
@@ -32,6 +33,9 @@ class BuiltinBackend(TokenBackend):
         and decode plainly. None switches it off. Sampling never uses it.
     device: where the model runs; None: CUDA when available, else the CPU. Weights stay fp32.
         prepack and the int4 draft are CPU speed paths and are skipped on other devices.
+    adapter: a LoRA adapter directory in PEFT's layout (``models.lora.save_adapter``) put on
+        the checkpoint's projections, kept separate from them (a palettized base stays
+        palettized); the draft and the packed copies are made from the adapted projections.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class BuiltinBackend(TokenBackend):
         prepack_bytes: int = 2 * 2**30,
         draft: str | None = "int4",
         device: str | torch.device | None = None,
+        adapter: str | os.PathLike | None = None,
     ):
         if draft not in (None, "int4"):
             raise ValueError(f"unknown draft {draft!r}; known: 'int4' or None")
@@ -54,6 +59,10 @@ class BuiltinBackend(TokenBackend):
         _, self.meta = read_config(self.path)
         self.device = torch.device(device) if device is not None else default_device()
         self.model = load_checkpoint(self.path, device=self.device)
+        if adapter is not None:
+            # before the draft and the packs: they copy the adapted projections
+            load_adapter(self.model, adapter)
+            self.model.to(self.device)
         cpu = self.device.type == "cpu"
         self.draft = Draft(Int4Draft(self.model)) if draft and cpu else None
         size = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -117,3 +117,62 @@ def test_a_mixed_precision_job_meets_its_target_and_shows_the_sensitivity_table(
     assert {r["name"]: r["bits"] for r in info["layers"]} == {r["name"]: r["chosen"] for r in rows}
     page = login(carol).get(reverse("model_detail", args=[child.pk])).content.decode()
     assert "Sensitivity and chosen bits" in page and "2-bit" in page
+
+
+def test_a_recovery_adapter_closes_part_of_the_gap_and_is_served_through_v1(
+    parent,  # noqa: F811
+    client,
+    carol,
+):
+    compressed = _compress(
+        {
+            "model_id": parent.pk,
+            "bits": 2,
+            "calib_seqs": 2,
+            "eval_seqs": 2,
+            "max_len": 48,
+            "suites": [],
+        }
+    )
+    assert compressed.status == "succeeded", compressed.error
+    base = ModelVersion.objects.get(pk=compressed.result["model_id"])
+    job = Job.objects.create(
+        kind="adapter.recovery",
+        params={
+            "model_id": base.pk,
+            "rank": 8,
+            "steps": 12,
+            "lr": 3e-3,
+            "batch_size": 2,
+            "train_seqs": 6,
+            "eval_seqs": 2,
+            "max_len": 48,
+            "suites": [],
+        },
+    )
+    execute(job.pk, KINDS["adapter.recovery"].job_fn)
+    job.refresh_from_db()
+    assert job.status == "succeeded", job.error
+    adapter = ModelVersion.objects.get(pk=job.result["model_id"])
+    assert adapter.kind == "adapter" and adapter.parent == base
+    assert adapter.relation == "adapter_of" and adapter.location == base.location
+    quality = adapter.info["adapter"]["quality"]
+    assert quality["after"]["kl"] < quality["before"]["kl"]  # the adapter recovers some
+    files = sorted(p.name for p in Path(adapter.params["adapter"]).iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's layout
+    assert len(job.data["curves"]["loss"]["value"]) == 12
+
+    from core.models import ApiToken
+
+    _, token = ApiToken.issue(user=carol, name="v1")
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    names = [m["id"] for m in client.get("/v1/models", **auth).json()["data"]]
+    assert adapter.name in names
+    response = client.post(
+        "/v1/completions",
+        data={"model": adapter.name, "prompt": "Hello", "max_tokens": 3},
+        content_type="application/json",
+        **auth,
+    )
+    assert response.status_code == 200, response.content
+    assert response.json()["model"] == adapter.name
