@@ -1,7 +1,7 @@
 """Researcher pages for the model registry: list, register, import, inspect and try a model."""
 
 from django import forms
-from django.http import StreamingHttpResponse
+from django.http import HttpResponseBadRequest, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -161,6 +161,17 @@ class CompressForm(forms.Form):
         return {**data, "model_id": model.pk}
 
 
+class RecoveryForm(forms.Form):
+    """A recovery adapter for a compressed model (``evalhub.compression.run_recovery``)."""
+
+    rank = forms.TypedChoiceField(choices=[(r, r) for r in (8, 16, 32)], coerce=int, initial=16)
+    steps = forms.IntegerField(min_value=1, max_value=100_000, initial=200)
+    lr = forms.FloatField(min_value=1e-7, max_value=0.1, initial=1e-4, label="Learning rate")
+    train_seqs = forms.IntegerField(
+        min_value=1, max_value=700, initial=256, label="Training sequences"
+    )
+
+
 class TryForm(forms.Form):
     prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), max_length=20_000)
     max_tokens = forms.IntegerField(min_value=1, max_value=1024, initial=128)
@@ -219,9 +230,23 @@ def _detail_page(
         "posttrain": (posttrain or PosttrainForm()) if trainable else None,
         "compress": (compress or CompressForm()) if trainable else None,
         "compression": compression_table(model) if trainable else [],
+        "recovery": RecoveryForm() if model.relation == ModelVersion.COMPRESSED else None,
         "children": model.children.all(),
     }
     return render(request, "evalhub/model_detail.html", context, status=status)
+
+
+@require_POST
+@researcher_required
+def model_recover(request, model_id: int):
+    """Train a recovery adapter for this compressed model."""
+    model = get_object_or_404(ModelVersion, pk=model_id, relation=ModelVersion.COMPRESSED)
+    form = RecoveryForm(request.POST)
+    if not form.is_valid():
+        return HttpResponseBadRequest(f"invalid recovery request: {form.errors.as_text()}")
+    params = {**form.cleaned_data, "model_id": model.pk}
+    job = job_submit(kind="adapter.recovery", params=params, user=request.user)
+    return redirect("job_detail", job_id=job.pk)
 
 
 @require_POST

@@ -124,6 +124,7 @@ def test_a_recovery_adapter_closes_part_of_the_gap_and_is_served_through_v1(
     client,
     carol,
 ):
+    client.force_login(carol)
     compressed = _compress(
         {
             "model_id": parent.pk,
@@ -176,3 +177,11 @@ def test_a_recovery_adapter_closes_part_of_the_gap_and_is_served_through_v1(
     )
     assert response.status_code == 200, response.content
     assert response.json()["model"] == adapter.name
+
+    page = client.get(reverse("model_detail", args=[adapter.pk])).content.decode()
+    assert "Recovery adapter" in page and "recovered" in page
+    base_page = client.get(reverse("model_detail", args=[base.pk])).content.decode()
+    assert "Train a recovery adapter" in base_page
+    started = client.post(reverse("model_recover", args=[base.pk]), {"rank": 16, "steps": 5})
+    assert started.status_code == 400  # lr and training sequences missing: nothing queued
+    assert Job.objects.filter(kind="adapter.recovery").count() == 1
