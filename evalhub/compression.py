@@ -20,7 +20,7 @@ from django.db import transaction
 from core.jobs import JobError
 from core.models import Job
 from evalhub.models import ModelVersion
-from evalhub.posttrain import _queue_suites, policy_param, suites_param
+from evalhub.posttrain import policy_param, queue_suites, suites_param
 
 DEFAULTS = {"bits": 4, "embedding_bits": 4, "calib_seqs": 16, "eval_seqs": 8, "max_len": 384}
 
@@ -114,7 +114,7 @@ def run_compress(job: Job) -> dict:
         "config": parent.info.get("config"),
     }
     version = _register(job, parent, name, dst, info)
-    runs = _queue_suites(version, suites, p.get("eval_limit"), job)
+    runs = queue_suites(version, suites, p.get("eval_limit"), job)
     return {
         "model_id": version.pk,
         "name": name,
@@ -284,7 +284,7 @@ def run_recovery(job: Job) -> dict:
                 info=info,
             ),
         )
-    runs = _queue_suites(version, suites, p.get("eval_limit"), job)
+    runs = queue_suites(version, suites, p.get("eval_limit"), job)
     return {"model_id": version.pk, "name": name, "quality": quality, "eval_runs": runs}
 
 

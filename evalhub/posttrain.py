@@ -273,7 +273,7 @@ class Session:
         )
         copy_tokenizer(parent.location, dst)
         version = _register(job, parent, name, dst, info)
-        runs = _queue_suites(version, suites, job.params.get("eval_limit"), job)
+        runs = queue_suites(version, suites, job.params.get("eval_limit"), job)
         shutil.rmtree(self.work, ignore_errors=True)  # resume state is only needed until now
         return {"model_id": version.pk, "name": name, "steps": result.step, "eval_runs": runs}
 
@@ -345,7 +345,7 @@ def _register(job: Job, parent: ModelVersion, name: str, path: Path, info: dict)
     return version
 
 
-def _queue_suites(version: ModelVersion, names: list[str], limit, job: Job) -> list[int]:
+def queue_suites(version: ModelVersion, names: list[str], limit, job: Job) -> list[int]:
     """Eval runs on the new model, each with the suite's nightly sample size unless
     ``eval_limit`` says otherwise."""
     from evalhub.evaluation import eval_submit
