@@ -27,7 +27,8 @@ pass of ``palettize`` (many small ops) took 40 s for one 3072×576 matrix at 2 t
 0.4 s at 1 (an OpenMP thread waiting for a busy core), and the matmuls lose little.
 
     .venv/bin/python benchmarks/palettize_recovery.py [--calib-seqs 16] [--sens-seqs 4]
-        [--sens-len 64] [--steps 30] [--batch 8] [--train-seqs 96] [--tokens 3000]
+        [--sens-len 64] [--baseline palettized|fp32] [--steps 30] [--batch 8]
+        [--train-seqs 96] [--tokens 3000]
 
 The last line is machine-readable:
     bpw=… kl=… kl_recovered=… recovery=… kl_4bit=… top1=… top1_recovered=… adapter_mb=…
@@ -94,6 +95,12 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512, help="tokens per sequence, at most")
     parser.add_argument("--sens-seqs", type=int, default=4, help="rows the sensitivity is on")
     parser.add_argument("--sens-len", type=int, default=64, help="tokens per sensitivity row")
+    parser.add_argument(
+        "--baseline",
+        choices=("palettized", "fp32"),
+        default="palettized",
+        help="the other layers' precision while one is measured at 2 bits",
+    )
     parser.add_argument("--target", type=float, default=3.5, help="bits per weight, at most")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30, help="adapter optimizer steps")
@@ -135,7 +142,9 @@ def main() -> None:
     print(f"calibration and palettization at 4 and 2 bits: {palettize_s:.1f} s")
 
     start = time.perf_counter()
-    table = layer_sensitivity(original, sens_ids, embedding=True, variants=variants)
+    table = layer_sensitivity(
+        original, sens_ids, baseline=args.baseline, embedding=True, variants=variants
+    )
     print(f"sensitivity of {len(table)} tensors: {time.perf_counter() - start:.1f} s")
     if args.table_json:
         args.table_json.write_text(json.dumps([r.to_dict() for r in table], indent=1))
