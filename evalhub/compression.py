@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 
 from core.jobs import JobError
 from core.models import Job
@@ -149,26 +148,20 @@ def _mixed(job: Job, model, calib, calibration, target: float):
 
 
 def _register(job: Job, parent: ModelVersion, name: str, path: Path, info: dict):
-    from evalhub.registry import checkpoint_stats
+    from evalhub.registry import checkpoint_stats, model_register_child
 
     stats = checkpoint_stats(path)
     stats["bits_per_weight"] = info["compression"]["scheme"]["bpw"]  # tables counted exactly
-    with transaction.atomic():
-        version, _ = ModelVersion.objects.update_or_create(
-            name=name,
-            defaults=dict(
-                kind=ModelVersion.POLICY,
-                backend="builtin",
-                location=str(path),
-                relation=ModelVersion.COMPRESSED,
-                parent=parent,
-                created_by=job.created_by,
-                description=f"{parent.name} palettized (job {job.pk})",
-                info=info,
-                **stats,
-            ),
-        )
-    return version
+    return model_register_child(
+        parent=parent,
+        name=name,
+        location=path,
+        relation=ModelVersion.COMPRESSED,
+        info=info,
+        description=f"{parent.name} palettized (job {job.pk})",
+        user=job.created_by,
+        **stats,
+    )
 
 
 def compression_table(model: ModelVersion) -> list[dict]:
@@ -268,22 +261,20 @@ def run_recovery(job: Job) -> dict:
         },
         "config": base.info.get("config"),
     }
-    with transaction.atomic():
-        version, _ = ModelVersion.objects.update_or_create(
-            name=name,
-            defaults=dict(
-                kind=ModelVersion.ADAPTER,
-                backend="builtin",
-                location=base.location,
-                params={"adapter": str(dst)},
-                relation=ModelVersion.ADAPTED,
-                parent=base,
-                created_by=job.created_by,
-                description=f"rank-{rank} recovery adapter of {base.name} (job {job.pk})",
-                size_bytes=recovery.adapter_bytes,
-                info=info,
-            ),
-        )
+    from evalhub.registry import model_register_child
+
+    version = model_register_child(
+        parent=base,
+        name=name,
+        location=base.location,
+        relation=ModelVersion.ADAPTED,
+        info=info,
+        description=f"rank-{rank} recovery adapter of {base.name} (job {job.pk})",
+        user=job.created_by,
+        kind=ModelVersion.ADAPTER,
+        params={"adapter": str(dst)},
+        size_bytes=recovery.adapter_bytes,
+    )
     runs = queue_suites(version, suites, p.get("eval_limit"), job)
     return {"model_id": version.pk, "name": name, "quality": quality, "eval_runs": runs}
 

@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 
 from core.jobs import JobError
 from core.models import Job
@@ -325,24 +324,17 @@ def _tokenizer(location: str):
 
 
 def _register(job: Job, parent: ModelVersion, name: str, path: Path, info: dict) -> ModelVersion:
-    from evalhub.registry import checkpoint_stats
+    from evalhub.registry import model_register_child
 
-    with transaction.atomic():
-        version, _ = ModelVersion.objects.update_or_create(
-            name=name,
-            defaults=dict(
-                kind=ModelVersion.POLICY,
-                backend="builtin",
-                location=str(path),
-                relation=ModelVersion.TRAINED,
-                parent=parent,
-                created_by=job.created_by,
-                description=f"{info['algorithm'].upper()} of {parent.name} (job {job.pk})",
-                info={"config": parent.info.get("config"), "posttrain": info},
-                **checkpoint_stats(path),
-            ),
-        )
-    return version
+    return model_register_child(
+        parent=parent,
+        name=name,
+        location=path,
+        relation=ModelVersion.TRAINED,
+        info={"config": parent.info.get("config"), "posttrain": info},
+        description=f"{info['algorithm'].upper()} of {parent.name} (job {job.pk})",
+        user=job.created_by,
+    )
 
 
 def queue_suites(version: ModelVersion, names: list[str], limit, job: Job) -> list[int]:

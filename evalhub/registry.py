@@ -77,6 +77,45 @@ def model_import(
         )
 
 
+def model_register_child(
+    *,
+    parent: ModelVersion | None,
+    name: str,
+    location: str | Path,
+    relation: str,
+    info: dict,
+    description: str,
+    user=None,
+    kind: str = ModelVersion.POLICY,
+    backend: str = "builtin",
+    params: dict | None = None,
+    **stats,
+) -> ModelVersion:
+    """Register what a job made from ``parent`` (trained, compressed, an adapter, a reward
+    model) under ``name``; a redelivered job updates its own row instead of failing.
+    ``stats``: n_params, size_bytes, bits_per_weight (default: read from a checkpoint
+    directory at ``location`` when it has model.safetensors)."""
+    if not stats and (Path(location) / "model.safetensors").is_file():
+        stats = checkpoint_stats(Path(location))
+    with transaction.atomic():
+        version, _ = ModelVersion.objects.update_or_create(
+            name=name,
+            defaults=dict(
+                kind=kind,
+                backend=backend,
+                location=str(location),
+                params=params or {},
+                relation=relation if parent is not None else "",
+                parent=parent,
+                created_by=user,
+                description=description,
+                info=info,
+                **stats,
+            ),
+        )
+    return version
+
+
 def backend_for(model: ModelVersion) -> Backend:
     """A loaded backend for a registered model, from the process's model cache."""
     key = ("backend", model.pk, model.backend, model.location, repr(sorted(model.params.items())))
