@@ -18,13 +18,8 @@ calibration rows, until ``--tokens`` answer tokens; every figure is over the ans
 EvalHub (``models.palettize``): input second moments from forward hooks and output-gradient
 second moments from one backward pass per sequence; k-means weighted by E[g²]·E[x²] per
 weight, then indices chosen column by column with GPTQ-style error feedback under the full
-input second moment, tables refitted once. ``--mode sequential`` (the default) fits the
-blocks one after the other on the hidden states of the already palettized blocks, each
-projection to the original model's outputs (``palettize_model_sequential``); ``one-shot``
-fits every layer on the original model's activations; ``both`` runs, times and evaluates
-each (the last line's kl_4bit and time_s are then the sequential run's). coremltools' SKM:
-k-means weighted by squared gradients of the next-token loss (one backward pass per
-calibration sequence; SqueezeLLM).
+input second moment, tables refitted once. coremltools' SKM: k-means weighted by squared
+gradients of the next-token loss (one backward pass per calibration sequence; SqueezeLLM).
 Times are wall-clock on this machine including calibration passes; the engines run one after
 the other, so load from elsewhere can hit one more than the other (``uptime`` is printed).
 
@@ -37,11 +32,9 @@ call) against fp32, one prompt of ``--decode-tokens`` tokens.
 
     .venv/bin/python benchmarks/palettize_quality.py [--calib-seqs 32] [--tokens 3000]
         [--max-len 512] [--no-coreml] [--decode-tokens 48] [--no-gradients]
-        [--mode sequential|one-shot|both]
 
 The last line is machine-readable:
     kl_4bit=… kl_coreml=… bpw=… time_s=… time_coreml_s=… speedup_vs_coreml=…
-    kl_4bit_oneshot=… time_oneshot_s=…   (nan unless --mode both)
 """
 
 from __future__ import annotations
@@ -67,12 +60,7 @@ from models.afm import AFM  # noqa: E402
 from models.checkpoint import import_checkpoint, load_checkpoint, save_palettized  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.linear import Linear  # noqa: E402
-from models.palettize import (  # noqa: E402
-    Calibration,
-    palettize_model,
-    palettize_model_sequential,
-    scheme,
-)
+from models.palettize import Calibration, palettize_model, scheme  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -132,12 +120,11 @@ def evaluate(
 
 
 def ours(
-    ckpt: Path, calib: list[tuple[list[int], int]], gradients: bool, sequential: bool
+    ckpt: Path, calib: list[tuple[list[int], int]], gradients: bool
 ) -> tuple[AFM, list, float]:
     """Calibrate (a forward and backward pass of the next-token loss per sequence; only the
     embedding asks for a gradient, so that activations get theirs and no weight gradient is
-    computed), then palettize: in one shot from those statistics, or ``sequential``, block by
-    block on the palettized prefix's hidden states (the gradients still from this pass)."""
+    computed), then palettize."""
     model = load_checkpoint(ckpt)
     start = time.perf_counter()
     for p in model.parameters():
@@ -148,15 +135,11 @@ def ours(
             ids = torch.tensor([tokens])
             if gradients:
                 F.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).backward()
-            elif not sequential:
+            else:
                 model.trunk(ids)
     model.tok_emb.weight.requires_grad_(False)
     model.tok_emb.weight.grad = None
-    if sequential:
-        sequences = [torch.tensor([tokens]) for tokens, _ in calib]
-        reports = palettize_model_sequential(model, sequences, calibration=calibration)
-    else:
-        reports = palettize_model(model, calibration=calibration)
+    reports = palettize_model(model, calibration=calibration)
     return model, reports, time.perf_counter() - start
 
 
@@ -213,13 +196,6 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48, help="0 skips decoding speed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--mode",
-        choices=["sequential", "one-shot", "both"],
-        default="sequential",
-        help="calibrate block by block on the palettized prefix (palettize_model_sequential) "
-        "or every layer on the original model's activations; both: each, timed and evaluated",
-    )
-    parser.add_argument(
         "--no-gradients",
         action="store_true",
         help="calibrate with forward passes only: no output-channel gradients (measured "
@@ -245,23 +221,14 @@ def main() -> None:
         print(f"calibration: {len(calib)} sequences, {sum(len(t) for t, _ in calib)} tokens")
         print(f"held out: {len(held_out)} sequences, {count} answer tokens")
 
-        models: dict[str, nn.Module] = {"original": load_checkpoint(ckpt)}
-        times: dict[str, float] = {}
-        for mode in ["sequential", "one-shot"] if args.mode == "both" else [args.mode]:
-            model, reports, times[mode] = ours(
-                ckpt, calib, not args.no_gradients, mode == "sequential"
-            )
-            models[f"evalhub {mode}"] = model
-            worst = max(reports, key=lambda r: r.error)
-            print(
-                f"evalhub {mode}: {len(reports)} matrices, {scheme(reports)['bpw']:.4f} bpw, "
-                f"{times[mode]:.1f} s; largest output error {worst.error:.4f} ({worst.name})",
-                flush=True,
-            )
-        main_mode = "sequential" if args.mode == "both" else args.mode
-        model, seconds = models[f"evalhub {main_mode}"], times[main_mode]
-        assert isinstance(model, AFM)
+        model, reports, seconds = ours(ckpt, calib, not args.no_gradients)
         bpw = scheme(reports)["bpw"]
+        worst = max(reports, key=lambda r: r.error)
+        print(
+            f"evalhub: {len(reports)} matrices, {bpw:.4f} bpw, {seconds:.1f} s; largest "
+            f"output error {worst.error:.4f} ({worst.name})"
+        )
+        models: dict[str, nn.Module] = {"original": load_checkpoint(ckpt), "evalhub": model}
         coreml_seconds = float("nan")
         if not args.no_coreml:
             models["coreml"], coreml_seconds = coreml(ckpt, calib)
@@ -270,7 +237,7 @@ def main() -> None:
         results = evaluate(models, held_out)
         print(f"evaluation: {time.perf_counter() - start:.1f} s")
         for name, r in results.items():
-            print(f"{name:20s} kl={r['kl']:.4f} top1={r['top1']:.4f} ppl={r['ppl']:.3f}")
+            print(f"{name:9s} kl={r['kl']:.4f} top1={r['top1']:.4f} ppl={r['ppl']:.3f}")
 
         out = save_palettized(
             Path(tmp) / "smollm2-palettized-4bit",
@@ -295,13 +262,11 @@ def main() -> None:
             print(f"decode {name:20s} {rate:6.1f} tokens/s")
 
     kl_coreml = results.get("coreml", {}).get("kl", float("nan"))
-    kl_oneshot = results.get("evalhub one-shot", {}).get("kl", float("nan"))
     print("load:", os.getloadavg())
     print(
-        f"kl_4bit={results[f'evalhub {main_mode}']['kl']:.4f} kl_coreml={kl_coreml:.4f} "
-        f"bpw={bpw:.4f} time_s={seconds:.1f} time_coreml_s={coreml_seconds:.1f} "
-        f"speedup_vs_coreml={coreml_seconds / seconds:.2f} kl_4bit_oneshot={kl_oneshot:.4f} "
-        f"time_oneshot_s={times.get('one-shot', float('nan')):.1f}"
+        f"kl_4bit={results['evalhub']['kl']:.4f} kl_coreml={kl_coreml:.4f} bpw={bpw:.4f} "
+        f"time_s={seconds:.1f} time_coreml_s={coreml_seconds:.1f} "
+        f"speedup_vs_coreml={coreml_seconds / seconds:.2f}"
     )
 
 

@@ -21,8 +21,6 @@ rows share the same quantization constants"); plain PyTorch, in gpt-fast's three
    ``PalettizedEmbedding`` for the input embedding (and through ``TiedHead`` the tied output
    head). ``Calibration`` collects input statistics with forward hooks on the projections;
    ``palettize_model`` converts a loaded AFM in place and reports every layer;
-   ``palettize_model_sequential`` does the same block by block, each block calibrated on
-   the outputs of the already palettized blocks before it (GPTQ's order, arXiv:2210.17323);
    ``palettize_shells`` rebuilds empty modules for ``models.checkpoint.load_checkpoint``.
 3. The command is ``benchmarks/palettize_quality.py`` (and the platform's compress job).
 """
@@ -40,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.afm import AFM
-from models.kernels import CachedAttention
 from models.linear import Linear, Packed, Projection, TiedHead, tensor_version
 
 GROUP_SIZE = 16  # output channels per table: AFM (arXiv:2407.21075 §5), coremltools group_size
@@ -523,13 +520,14 @@ def _palettize_one(
     name: str,
     w: torch.Tensor,
     bits: int,
-    hessian: torch.Tensor | None,
-    rows: torch.Tensor | None,
+    calibration: Calibration | None,
+    stats: str,
     group_size: int,
 ) -> tuple[Palette, LayerReport]:
-    """Palettize ``w`` for the input second moment ``hessian`` and output-channel importance
-    ``rows`` (either may be None) and report it."""
+    """Palettize ``w`` with the calibration statistics recorded under the name ``stats``."""
     w = w.detach()
+    hessian = calibration.hessian(stats) if calibration else None
+    rows = calibration.row_importance(stats) if calibration else None
     start = time.perf_counter()
     palette = palettize_weight(w, bits, hessian=hessian, row_importance=rows, group_size=group_size)
     seconds = time.perf_counter() - start
@@ -548,26 +546,6 @@ def _palettize_one(
     return palette, report
 
 
-def _stats(
-    calibration: Calibration | None, name: str
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(hessian, row importance) recorded under ``name``, or (None, None)."""
-    if calibration is None:
-        return None, None
-    return calibration.hessian(name), calibration.row_importance(name)
-
-
-def _linear_names(model: AFM, bits: dict[str, int]) -> list[str]:
-    """The model's dense projections in model order; every name in ``bits`` must be one of
-    them or ``tok_emb``."""
-    order = list(dict(model.named_modules()))
-    names = sorted((n for n, m in model.named_modules() if isinstance(m, Linear)), key=order.index)
-    unknown = sorted(set(bits) - set(names) - {"tok_emb"})
-    if unknown:
-        raise KeyError(f"no palettizable projection named {unknown[:5]}")
-    return names
-
-
 def palettize_model(
     model: AFM,
     bits: dict[str, int] | None = None,
@@ -584,155 +562,29 @@ def palettize_model(
     ``calibration`` each layer is fitted to its output error on that text (a tied embedding
     to the head's inputs). Returns one report per layer, in model order. CPU tensors only."""
     bits = dict(bits or {})
+    names = {n for n, m in model.named_modules() if isinstance(m, Linear)}
+    unknown = sorted(set(bits) - names - {"tok_emb"})
+    if unknown:
+        raise KeyError(f"no palettizable projection named {unknown[:5]}")
     reports = []
-    for name in _linear_names(model, bits):
+    for name in sorted(names, key=list(dict(model.named_modules())).index):
         module = model.get_submodule(name)
         assert isinstance(module, Linear)
         b = bits.get(name, default_bits)
-        palette, report = _palettize_one(
-            name, module.effective_weight(), b, *_stats(calibration, name), group_size
-        )
+        w = module.effective_weight()
+        palette, report = _palettize_one(name, w, b, calibration, name, group_size)
         _replace(model, name, PalettizedLinear.from_palette(palette, b, group_size))
         reports.append(report)
     emb_bits = bits.get("tok_emb", embedding_bits)
     if emb_bits is not None:
         stats = "lm_head" if model.cfg.tie_embeddings else "tok_emb"  # no stats: plain k-means
         w = model.tok_emb.weight
-        palette, report = _palettize_one(
-            "tok_emb", w, emb_bits, *_stats(calibration, stats), group_size
-        )
+        palette, report = _palettize_one("tok_emb", w, emb_bits, calibration, stats, group_size)
         embedding = PalettizedEmbedding(w.shape[0], w.shape[1], emb_bits, group_size)
         embedding.palette = PalettizedLinear.from_palette(palette, emb_bits, group_size)
         _set_embedding(model, embedding)
         reports.append(report)
     return reports
-
-
-def palettize_model_sequential(
-    model: AFM,
-    sequences: list[torch.Tensor],
-    bits: dict[str, int] | None = None,
-    *,
-    default_bits: int = 4,
-    embedding_bits: int | None = None,
-    calibration: Calibration | None = None,
-    group_size: int = GROUP_SIZE,
-    compensate: bool = True,
-) -> list[LayerReport]:
-    """``palettize_model`` with each block calibrated on the inputs that the already
-    palettized blocks before it produce, as GPTQ does (arXiv:2210.17323 §4), so a block's
-    tables are fitted to the activations the compressed model will really feed it.
-
-    ``sequences``: the calibration text, token tensors (B, T) without padding. Two streams
-    of hidden states are kept (B·T·dim floats each per sequence): the original model's and
-    the palettized prefix's. Per block: one dense-block forward of each stream records its
-    projections' input moments, and the palettized block advances the second stream, so
-    about three model forwards in all. With ``compensate`` (the default) each projection is
-    fitted to the original model's outputs from the palettized prefix's inputs
-    (``_compensated``: later layers correct earlier errors; measured on a 4-block tiny model
-    at 2 bits, KL to the original 0.0079 against 0.0089 without it and 0.0097 one-shot);
-    without it, to its own dense outputs on those inputs (GPTQ's objective). A report's
-    error is against the weight palettized, with ``compensate`` the compensated one.
-
-    ``calibration``, where given, supplies only the output-gradient moments
-    (``Calibration.row_importance``, from backward passes through the original model on the
-    same text); its input moments are not used. The head and a tied embedding are fitted to
-    the palettized trunk's final states. Deterministic; CPU tensors only."""
-    bits = dict(bits or {})
-    names = _linear_names(model, bits)
-    reports = []
-    with torch.no_grad():
-        clean = [model.tok_emb(tokens) for tokens in sequences]  # each (B, T, dim)
-        hidden = list(clean)
-        for i, block in enumerate(model.blocks):
-            mine = [n for n in names if n.startswith(f"blocks.{i}.")]
-            clean, moments = _block_moments(model, block, mine, clean, hidden)
-            for name in mine:
-                b = bits.get(name, default_bits)
-                module = model.get_submodule(name)
-                assert isinstance(module, Linear)
-                w = module.effective_weight()
-                h, cross = moments[name]
-                if compensate:
-                    w = _compensated(w, h, cross)
-                rows = calibration.row_importance(name) if calibration else None
-                palette, report = _palettize_one(name, w, b, h, rows, group_size)
-                _replace(model, name, PalettizedLinear.from_palette(palette, b, group_size))
-                reports.append(report)
-            hidden = [_run_block(model, block, x) for x in hidden]
-        head = Calibration({"lm_head": model.lm_head})
-        if calibration is not None:
-            head.grad_sums, head.grad_counts = calibration.grad_sums, calibration.grad_counts
-        rest = {n: b for n, b in bits.items() if not n.startswith("blocks.")}
-        if embedding_bits is not None or any(not n.startswith("blocks.") for n in names):
-            with head:
-                for x in hidden:
-                    model.head(model.norm(x))
-    return reports + palettize_model(
-        model,
-        rest,
-        default_bits=default_bits,
-        embedding_bits=embedding_bits,
-        calibration=head,
-        group_size=group_size,
-    )
-
-
-def _block_moments(
-    model: AFM, block: nn.Module, names: list[str], clean: list, noisy: list
-) -> tuple[list, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Run the (still dense) ``block`` on the original model's hidden states ``clean`` and
-    on the palettized prefix's ``noisy`` ones. Returns the block's outputs on ``clean`` and,
-    per projection in ``names``, (E[x̃ x̃ᵀ], E[x x̃ᵀ]) (K, K) fp32 over its inputs x̃ on the
-    noisy states and x on the clean ones."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            seen[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (n, K)
-
-        return record
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    sums: dict[str, list] = {n: [0, 0] for n in names}
-    count, outputs = 0, []
-    try:
-        for x, y in zip(clean, noisy, strict=True):
-            outputs.append(_run_block(model, block, x))
-            ref = dict(seen)
-            _run_block(model, block, y)
-            for n in names:
-                sums[n][0] += (seen[n].T @ seen[n]).double()
-                sums[n][1] += (ref[n].T @ seen[n]).double()
-            count += x.shape[0] * x.shape[1]
-    finally:
-        for h in handles:
-            h.remove()
-    moments = {n: ((h / count).float(), (c / count).float()) for n, (h, c) in sums.items()}
-    return outputs, moments
-
-
-def _compensated(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-    """The dense weight W* = W E[x x̃ᵀ] E[x̃ x̃ᵀ]⁻¹ that best reproduces the original
-    layer's outputs W x from the palettized prefix's inputs x̃ (least squares, H dampened
-    as in ``assign_with_feedback``). Since ‖Wx − Qx̃‖² = ‖Wx − W*x̃‖² + ‖(W* − Q)x̃‖² in
-    expectation, palettizing W* under E[x̃ x̃ᵀ] minimises the error against the original
-    outputs, so each layer also corrects what the layers before it got wrong (GPTAQ,
-    Li et al. 2025, arXiv:2504.02692)."""
-    H = h.double().clone()
-    H.diagonal().add_(DAMP * H.diagonal().mean())
-    rhs = (w.detach().double() @ cross.double()).T  # (K, N): H W*ᵀ = (W C)ᵀ
-    return torch.linalg.solve(H, rhs).T.float()
-
-
-def _run_block(model: AFM, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``block`` on hidden states x (B, T, dim) of whole sequences from position 0, as
-    ``AFM.trunk`` runs it without a cache (causal attention among the T tokens)."""
-    B, T, _ = x.shape
-    positions = torch.arange(T, device=x.device).expand(B, T)
-    cos = model.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hd)
-    sin = model.rope_sin[positions].unsqueeze(2)  # (B, T, 1, hd)
-    return block(x, cos, sin, CachedAttention(None, 0, None, None))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -22,7 +22,6 @@ from models.palettize import (
     pack_indices,
     palette_bits,
     palettize_model,
-    palettize_model_sequential,
     palettize_weight,
     scheme,
     unpack_indices,
@@ -233,50 +232,3 @@ def test_a_backward_pass_records_each_output_channels_gradient_and_weights_the_t
     sensitive = dequantize(*palettize_weight(w, 2, hessian=h, row_importance=rows))
     blind = dequantize(*palettize_weight(w, 2, hessian=h))
     assert (sensitive - w)[:4].norm() < (blind - w)[:4].norm()
-
-
-def _deep_tiny(seed: int) -> AFM:
-    """Four tiny blocks with weights scaled up 4x, so that each block changes the residual
-    stream enough for one block's palettization error to reach the next."""
-    model = AFM(config_from_preset("tiny", n_layers=4)).init_weights(seed).eval()
-    with torch.no_grad():
-        for p in model.projections()[:-1]:
-            p.weight.mul_(4)
-    return model
-
-
-def _kl(reference: AFM, model: AFM, tokens: torch.Tensor) -> float:
-    with torch.no_grad():
-        ref, lp = reference(tokens).log_softmax(-1), model(tokens).log_softmax(-1)
-    return float((ref.exp() * (ref - lp)).sum(-1).mean())
-
-
-def test_sequential_calibration_fits_the_palettized_prefix_no_worse_than_one_shot():
-    """2-bit, so that errors are large enough to carry from block to block; held-out random
-    tokens, never the calibration ones."""
-    reference = _deep_tiny(0)
-    g = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(0, 256, (8, 64), generator=g) for _ in range(8)]
-    held_out = torch.randint(0, 256, (4, 64), generator=g)
-    one_shot, sequential = _deep_tiny(0), _deep_tiny(0)
-    with torch.no_grad(), Calibration.of(one_shot) as calibration:
-        for tokens in sequences:
-            one_shot(tokens)
-    palettize_model(one_shot, default_bits=2, calibration=calibration)
-    reports = palettize_model_sequential(sequential, sequences, default_bits=2)
-    assert [r.name for r in reports] == [
-        f"blocks.{i}.{n}" for i in range(4) for n in ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
-    ]
-    assert all(isinstance(p, PalettizedLinear) for p in sequential.projections()[:-1])
-    assert _kl(reference, sequential, held_out) <= _kl(reference, one_shot, held_out)
-
-
-def test_sequential_calibration_is_deterministic_and_covers_the_head_and_embedding():
-    g = torch.Generator().manual_seed(1)
-    sequences = [torch.randint(0, 256, (2, 24), generator=g) for _ in range(3)]
-    models = [_deep_tiny(1), _deep_tiny(1)]
-    reports = [palettize_model_sequential(m, sequences, embedding_bits=4) for m in models]
-    assert [r.name for r in reports[0]][-1] == "tok_emb"
-    assert reports[0][-1].bits == 4 and isinstance(models[0].tok_emb, PalettizedEmbedding)
-    a, b = (m.state_dict() for m in models)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
