@@ -10,8 +10,8 @@ Steps (``models.compress``):
 2. every palettizable tensor at 4 and at 2 bits (the 120 block matrices, i.e. SmolLM2's 210
    projections with q/k/v and gate/up fused as we run them, and the embedding with its tied
    head), then the sensitivity of each: KL(original ‖ model) per token on ``--sens-seqs``
-   calibration rows of ``--sens-len`` tokens with that one layer at 2 bits and all others at
-   4, minus the all-4-bit KL;
+   calibration rows of ``--sens-len`` tokens with that one layer at 2 bits and all others
+   fp32 (ZeroQ's; ``--baseline palettized``: all others at 4 bits, minus the all-4-bit KL);
 3. the 2-bit set with the least summed sensitivity at ≤ ``--target`` bpw (indices and fp16
    tables of every palettized tensor counted, embedding included: ``palettize.scheme``);
 4. a rank-16 LoRA on every block projection of the mixed model, trained ``--steps`` steps of
@@ -27,7 +27,7 @@ pass of ``palettize`` (many small ops) took 40 s for one 3072×576 matrix at 2 t
 0.4 s at 1 (an OpenMP thread waiting for a busy core), and the matmuls lose little.
 
     .venv/bin/python benchmarks/palettize_recovery.py [--calib-seqs 16] [--sens-seqs 4]
-        [--sens-len 64] [--baseline palettized|fp32] [--steps 30] [--batch 8]
+        [--sens-len 64] [--baseline fp32|palettized] [--steps 30] [--batch 8]
         [--train-seqs 96] [--tokens 3000]
 
 The last line is machine-readable:
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline",
         choices=("palettized", "fp32"),
-        default="palettized",
+        default="fp32",
         help="the other layers' precision while one is measured at 2 bits",
     )
     parser.add_argument("--target", type=float, default=3.5, help="bits per weight, at most")

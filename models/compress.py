@@ -6,10 +6,12 @@ per weight on average, then rank-16 "accuracy-recovery adapters" on the frozen b
 - ``layer_sensitivity``: for every block projection (and the embedding with its tied head,
   if asked), the increase of KL(original ‖ model) per token on calibration text when that one
   layer alone goes to 2-bit. This is ZeroQ's sensitivity (Cai et al. 2020, arXiv:2001.00281
-  §3.2: KL between the full-precision model and the model with only layer i quantized),
-  measured by default against the all-4-bit model rather than fp32 (``baseline``): the
-  allocation moves layers from 4 to 2 bits, so the marginal cost to measure is 4 → 2 with the
-  others at the 4-bit they will have. The original logits are computed once, each block's
+  §3.2: KL between the full-precision model and the model with only layer i quantized, the
+  others fp32), the default ``baseline``. Against the all-4-bit model instead (the marginal
+  4 → 2 cost with the others as they will be) a fifth of SmolLM2's layers measured below
+  zero on 256 tokens (one layer's error cancelling others' on those tokens), and the mixed
+  3.5 bpw model it chose had a higher held-out KL (1.65 against 1.51 nats/token,
+  ``benchmarks/palettize_recovery.py``). The original logits are computed once, each block's
   input once, and a measurement runs only the blocks from the changed one on. The model is
   palettized once per precision (``palettize_variants``) and layers swapped in and out;
   ``assemble`` builds any mix from those same palettes;
@@ -196,7 +198,7 @@ def layer_sensitivity(
     bits: int = 2,
     *,
     base_bits: int = 4,
-    baseline: str = "palettized",
+    baseline: str = "fp32",
     embedding: bool = False,
     calibration: Calibration | None = None,
     variants: dict[int, Variant] | None = None,
@@ -209,9 +211,10 @@ def layer_sensitivity(
     ``embedding``, the input embedding with its tied head. Rows in model order, embedding
     last, ready for ``choose_bits``; ``model`` (dense, CPU) is left as it was.
 
-    baseline: "palettized" (default) measures against the model with every layer at
-        ``base_bits``, what the allocation starts from; "fp32" against the others dense
-        (ZeroQ's choice), cheaper to reason about but blind to errors compounding.
+    baseline: "fp32" (default, ZeroQ's) measures the layer among dense others and gives
+        the KL itself; "palettized" measures against every other layer at ``base_bits``,
+        what the allocation starts from, and gives the KL minus the all-``base_bits`` KL
+        (noisier on few tokens; the module docstring has the comparison).
     calibration: statistics that fit the palettes (default: forward passes over
         ``calibration_ids``). variants: ``palettize_variants`` at ``base_bits`` and ``bits``
         made already (then ``embedding`` must say whether they include it); else made here.

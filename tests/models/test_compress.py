@@ -54,7 +54,7 @@ def test_sensitivity_is_the_kl_increase_of_one_layer_at_2_bits_over_all_at_4(tin
     ids = _ids(0)
     with torch.no_grad():
         before = model(ids)
-    table = layer_sensitivity(model, ids, embedding=True)
+    table = layer_sensitivity(model, ids, baseline="palettized", embedding=True)
     names = [
         f"blocks.{i}.{p}" for i in range(2) for p in ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2")
     ]
@@ -75,10 +75,10 @@ def test_sensitivity_is_the_kl_increase_of_one_layer_at_2_bits_over_all_at_4(tin
     assert all(r.kl[2] > 0 for r in table)  # 2-bit everywhere costs something here
 
 
-def test_fp32_baseline_measures_one_layer_palettized_among_dense_ones(tiny_model):
+def test_sensitivity_by_default_measures_one_layer_palettized_among_dense_ones(tiny_model):
     model = _peaked(tiny_model)
     ids = _ids(1)
-    table = layer_sensitivity(model, ids, baseline="fp32")
+    table = layer_sensitivity(model, ids)  # fp32 baseline: the default
     assert len(table) == 8  # no embedding row unless asked
     with torch.no_grad():
         ref = model(ids).float().log_softmax(-1).flatten(0, 1)
