@@ -305,7 +305,15 @@ class _Scratch(threading.local):
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         b = self.buffer
-        if b is None or b.numel() < numel or b.dtype != dtype or b.device != device:
+        # a buffer made under inference_mode cannot be written where autograd is on (LoRA
+        # training after an evaluation), nor the other way round: remake it when that changes
+        if (
+            b is None
+            or b.numel() < numel
+            or b.dtype != dtype
+            or b.device != device
+            or b.is_inference() != torch.is_inference_mode_enabled()
+        ):
             b = self.buffer = torch.empty(numel, dtype=dtype, device=device)
         return b[:numel]
 

@@ -232,3 +232,19 @@ def test_a_backward_pass_records_each_output_channels_gradient_and_weights_the_t
     sensitive = dequantize(*palettize_weight(w, 2, hessian=h, row_importance=rows))
     blind = dequantize(*palettize_weight(w, 2, hessian=h))
     assert (sensitive - w)[:4].norm() < (blind - w)[:4].norm()
+
+
+def test_a_palettized_model_trains_lora_after_an_inference_mode_pass():
+    """The shared dequantization buffer follows inference mode: evaluating under
+    inference_mode, then training an adapter, must not trip over an inference tensor."""
+    from models.lora import apply_lora
+
+    model = AFM(config_from_preset("tiny")).init_weights(seed=0)
+    palettize_model(model)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    with torch.inference_mode():
+        model(ids)
+    apply_lora(model, rank=2, alpha=4)
+    loss = model(ids).float().logsumexp(-1).mean()
+    loss.backward()
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
