@@ -218,6 +218,9 @@ def _data_parallel_worker(rank: int, world: int, port: int, config: TrainConfig,
         )
         if rank == 0:
             torch.save({"weights": weights(model), "losses": losses}, out)
+        # both ranks done with every collective before either tears gloo down: a rank that
+        # destroys its group while the other still holds the pair aborts (std::terminate)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
