@@ -57,7 +57,8 @@ from models.afm import AFM
 from models.kernels import CachedAttention
 from models.linear import TiedHead
 from models.lora import LoRALinear, apply_lora
-from models.palettize import GROUP_SIZE, Calibration, LayerReport, palettize_model
+from models.palette import GROUP_SIZE
+from models.palettize import Calibration, LayerReport, palettize_model
 from models.train import TrainConfig, TrainState, train
 
 # (input_ids (B, T) long, completion_mask (B, T) bool), right-padded

@@ -24,7 +24,8 @@ from models.compress import (
     train_recovery_adapter,
 )
 from models.lora import LoRALinear, adapters_disabled
-from models.palettize import PalettizedLinear, palette_bits, palettize_model, scheme
+from models.palette import palette_bits
+from models.palettize import PalettizedLinear, palettize_model, scheme
 from models.train import TrainConfig
 
 

@@ -11,20 +11,22 @@ import torch
 from models.afm import AFM, config_from_preset
 from models.checkpoint import load_checkpoint, save_checkpoint, save_palettized
 from models.generate import generate
-from models.palettize import (
-    Calibration,
-    PalettizedEmbedding,
-    PalettizedLinear,
+from models.palette import (
     assign_with_feedback,
     bits_per_weight,
     dequantize,
     kmeans_tables,
     pack_indices,
     palette_bits,
-    palettize_model,
     palettize_weight,
-    scheme,
     unpack_indices,
+)
+from models.palettize import (
+    Calibration,
+    PalettizedEmbedding,
+    PalettizedLinear,
+    palettize_model,
+    scheme,
 )
 
 # (rows, columns, seed): multiples of 16 rows and not, odd column counts, one short group only

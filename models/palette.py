@@ -1,0 +1,281 @@
+"""Palette maths: k-means lookup tables shared by every 16 output channels, as AFM ships its
+on-device model (Gunter et al. 2024, arXiv:2407.21075 §5: 2- and 4-bit palettes, "16 columns/
+rows share the same quantization constants"); plain tensor functions, no modules. The layers
+that run on palettes and the conversion of a whole model are ``models.palettize``.
+
+``kmeans_tables``: a weighted 1-D k-means per group of ``group_size`` output channels (rows),
+vectorised over every group at once (weighted-quantile initialisation, Lloyd iterations,
+empty clusters re-seeded at the worst-served point), weighted by per-input-column importance,
+the mean squared activation of that input on calibration text (the diagonal of the layer's
+Hessian; SqueezeLLM, Kim et al. 2023, arXiv:2306.07629, and coremltools' SKM weight k-means by
+a diagonal sensitivity the same way, theirs from squared gradients). ``assign_with_feedback``:
+with the full input second moment H = E[x xᵀ], indices are chosen column by column and each
+column's rounding error is pushed onto the columns not yet chosen, as GPTQ does for a uniform
+grid (Frantar et al. 2022, arXiv:2210.17323; with codebooks, GPTVQ, van Baalen et al. 2024,
+arXiv:2402.15319); the tables are then refitted to the targets the pass chose for, and the
+pass repeated. ``pack_indices``/``unpack_indices`` (2 per byte at 4 bits, 4 at 2 bits),
+``dequantize``, ``palette_bits`` (indices and fp16 tables counted exactly). A row count that
+is not a multiple of ``group_size`` gives a short last group, compressed like the others.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+GROUP_SIZE = 16  # output channels per table: AFM (arXiv:2407.21075 §5), coremltools group_size
+TABLE_DTYPE = torch.float16  # table entries are stored and counted as 16-bit floats
+KMEANS_ITERS = 12  # Lloyd iterations; the weighted error changes < 0.1% after ~8 on SmolLM2
+DAMP = 0.01  # GPTQ's dampening of H: 1% of its mean diagonal (arXiv:2210.17323 §4)
+FEEDBACK_BLOCK = 128  # GPTQ's lazy-batch width: columns updated together (§4 "Lazy Batch")
+
+
+class Palette(NamedTuple):
+    """One matrix palettized: ``indices`` (N, K) uint8 into ``tables`` (ceil(N/g), 2**bits)."""
+
+    indices: torch.Tensor
+    tables: torch.Tensor
+
+
+# ------------------------------------------------------------------------------ primitives
+def row_groups(n_rows: int, group_size: int = GROUP_SIZE) -> int:
+    """Number of tables for ``n_rows`` output channels: the last group may be short."""
+    return -(-n_rows // group_size)
+
+
+def palette_bits(shape: tuple[int, int], bits: int, group_size: int = GROUP_SIZE) -> int:
+    """Exact storage of a palettized (N, K) matrix in bits: packed indices (each row padded to
+    whole bytes, as ``pack_indices`` stores it) plus 16-bit table entries."""
+    N, K = shape
+    return 8 * N * math.ceil(K * bits / 8) + 16 * row_groups(N, group_size) * 2**bits
+
+
+def bits_per_weight(shape: tuple[int, int], bits: int, group_size: int = GROUP_SIZE) -> float:
+    return palette_bits(shape, bits, group_size) / (shape[0] * shape[1])
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) uint8 indices < 2**bits -> (N, ceil(K·bits/8)) uint8, 8/bits per byte, the first
+    index in the low bits. Rows are padded with zero indices to whole bytes."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"bits must divide 8, got {bits}")
+    per = 8 // bits
+    N, K = indices.shape
+    padded = F.pad(indices.to(torch.uint8), (0, -K % per))  # (N, K')
+    parts = padded.view(N, -1, per).to(torch.int32)  # (N, K'/per, per)
+    shifts = torch.arange(per, dtype=torch.int32, device=indices.device) * bits
+    return (parts << shifts).sum(-1).to(torch.uint8)  # (N, K'/per)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """Inverse of ``pack_indices``: (..., ceil(K·bits/8)) uint8 -> (..., K) uint8."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+    parts = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # (..., bytes, per)
+    return parts.flatten(-2)[..., :K]
+
+
+def dequantize(
+    indices: torch.Tensor,
+    tables: torch.Tensor,
+    group_size: int = GROUP_SIZE,
+    *,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(N, K) matrix of table entries: row n reads table n // group_size. ``out`` (N·K
+    elements of ``dtype``) is filled instead of allocating, for a caller's reused buffer."""
+    N, K = indices.shape
+    flat = tables.to(dtype).flatten()  # (G·C,)
+    offsets = torch.arange(N, device=indices.device) // group_size * tables.shape[1]
+    positions = (indices.long() + offsets[:, None]).view(-1)  # (N·K,)
+    if out is None:
+        return flat[positions].view(N, K)
+    return torch.index_select(flat, 0, positions, out=out.view(-1)).view(N, K)
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N, K) -> (G, group_size·K), the last group padded with zero rows."""
+    N, K = x.shape
+    return F.pad(x, (0, 0, 0, -N % group_size)).reshape(-1, group_size * K)
+
+
+def _quantile_init(x: torch.Tensor, w: torch.Tensor, C: int) -> torch.Tensor:
+    """Centroids (G, C) at the weighted (c + 0.5)/C quantiles of each group's points (G, P):
+    deterministic, and already close to the 1-D k-means optimum for bell-shaped weights."""
+    order = x.argsort(dim=1)
+    xs, cum = x.gather(1, order), w.gather(1, order).cumsum(1)  # (G, P)
+    targets = (torch.arange(C, device=x.device) + 0.5) / C * cum[:, -1:]  # (G, C)
+    at = torch.searchsorted(cum, targets).clamp(max=x.shape[1] - 1)
+    return xs.gather(1, at)
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid (G, P) for points x (G, P), centroids sorted along dim 1 (G, C): a
+    batched binary search among the midpoints (faster here than C-1 comparison passes or an
+    argmin over (G, P, C) distances)."""
+    mids = (centroids[:, 1:] + centroids[:, :-1]) / 2  # (G, C-1)
+    return torch.searchsorted(mids.contiguous(), x.contiguous())
+
+
+def _lloyd_step(
+    x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, c: torch.Tensor
+) -> torch.Tensor:
+    """One weighted Lloyd update of sorted centroids c (G, C) for points x (G, P) of weights
+    w (wx = w·x); an empty cluster takes the point with the largest weighted error in its
+    group (the next largest for a second empty one), so no table entry is wasted."""
+    G, C = c.shape
+    a = _assign(x, c)  # (G, P)
+    slot = a.add_(torch.arange(0, G * C, C, device=x.device)[:, None]).view(-1)
+    mass = torch.zeros(G * C, device=x.device).index_add_(0, slot, w.view(-1)).view(G, C)
+    total = torch.zeros(G * C, device=x.device).index_add_(0, slot, wx.view(-1)).view(G, C)
+    empty = mass <= 0
+    c = torch.where(empty, c, total / mass.clamp(min=1e-30))
+    if bool(empty.any()):
+        err = w * (x - c.flatten()[slot].view_as(x)) ** 2  # (G, P)
+        k = min(C, x.shape[1])
+        worst = x.gather(1, err.topk(k, dim=1).indices)  # (G, k): worst-served points first
+        rank = (empty.cumsum(1) - 1).clamp(0, k - 1)  # which of the group's empties this is
+        c = torch.where(empty, worst.gather(1, rank), c)
+    return c.sort(dim=1).values
+
+
+def kmeans_tables(
+    w: torch.Tensor,
+    bits: int,
+    importance: torch.Tensor | None = None,
+    *,
+    group_size: int = GROUP_SIZE,
+    iters: int = KMEANS_ITERS,
+) -> Palette:
+    """Weighted k-means of the (N, K) matrix ``w``, one table of 2**bits entries per group of
+    ``group_size`` rows, minimising Σ importance[k] (w[n, k] - table[n // g][index])².
+
+    importance: (K,) per input column (e.g. mean squared activation) or (N, K) per weight
+    (e.g. squared gradients); uniform when None. Deterministic: the same inputs give the same
+    tables bit for bit (quantile initialisation, no sampling). Tables come back sorted, fp16;
+    indices refer to the fp16 entries (nearest after rounding).
+    """
+    N, K = w.shape
+    C = 2**bits
+    imp = torch.ones(K) if importance is None else importance.detach().float().cpu()
+    imp = imp.expand(N, K).clamp(min=0) + 1e-8 * imp.mean().clamp(min=1e-30)
+    x = _grouped(w.detach().float().cpu(), group_size)  # (G, P)
+    weights = _grouped(imp, group_size)  # (G, P): padded rows weigh 0
+    c, wx = _quantile_init(x, weights, C), weights * x
+    for _ in range(iters):
+        c = _lloyd_step(x, weights, wx, c)
+    tables = c.to(TABLE_DTYPE).sort(dim=1).values
+    indices = _assign(x, tables.float()).view(-1, K)[:N]  # (N, K)
+    return Palette(indices.to(torch.uint8), tables)
+
+
+def _feedback_pass(
+    w: torch.Tensor, row_tables: torch.Tensor, hinv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One GPTQ pass over the columns of w (N, K) (already in processing order) with a
+    per-row table row_tables (N, C), hinv the upper Cholesky factor of H⁻¹ (K, K).
+
+    Returns indices (N, K), the targets each column was rounded from (N, K) and each column's
+    weight 1 / hinv[k, k]² in the objective (K,)."""
+    W = w.clone()
+    N, K = W.shape
+    indices = torch.empty(N, K, dtype=torch.long)
+    targets = torch.empty_like(W)
+    for i1 in range(0, K, FEEDBACK_BLOCK):
+        i2 = min(i1 + FEEDBACK_BLOCK, K)
+        W1, H1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            j = (row_tables - col[:, None]).abs().argmin(dim=1)  # (N,)
+            err = (col - row_tables.gather(1, j[:, None]).squeeze(1)) / H1[i, i]
+            indices[:, i1 + i], targets[:, i1 + i] = j, col
+            W1[:, i:].sub_(err[:, None] * H1[i, i:][None])
+            E1[:, i] = err
+        W[:, i2:].sub_(E1 @ hinv[i1:i2, i2:])
+    return indices, targets, hinv.diagonal().pow(-2)
+
+
+def _flushing_denormals(fn, *args):
+    """``fn(*args)`` with subnormal floats flushed to zero (torch's default is not to, and
+    this function restores that). The error feedback multiplies ever smaller corrections into
+    far columns; on SmolLM2's layers the subnormal results made a pass ~100x slower (13 ms
+    against 0.1 ms a column) for no difference in the result above 1e-38."""
+    torch.set_flush_denormal(True)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def assign_with_feedback(
+    w: torch.Tensor,
+    palette: Palette,
+    hessian: torch.Tensor,
+    *,
+    row_importance: torch.Tensor | None = None,
+    group_size: int = GROUP_SIZE,
+    rounds: int = 2,
+) -> Palette:
+    """Re-choose a palette's indices (and refit its tables) for the layer's output error
+    tr(ΔW H ΔWᵀ) under the input second moment ``hessian`` (K, K), instead of each weight's
+    own error: GPTQ's column-by-column rounding with error feedback, onto the tables instead
+    of a uniform grid, columns in decreasing H[k, k] ("act order"). After each pass but the
+    last, every table entry becomes the weighted mean of the targets rounded to it, each
+    weighted by its column's GPTQ weight and its row's ``row_importance`` (N,) if given
+    (rows are independent in the objective, so that weight only matters here)."""
+    N, K = w.shape
+    H = hessian.detach().double().cpu().clone()
+    dead = H.diagonal() <= 0
+    H[dead, dead] = 1.0  # an input that never fires: its column's error costs nothing
+    order = H.diagonal().argsort(descending=True)
+    H = H[order][:, order]
+    H.diagonal().add_(DAMP * H.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hinv = hinv.float()
+    W = w.detach().float().cpu()[:, order]
+    W[:, dead[order]] = 0
+    tables = palette.tables.float()
+    groups = torch.arange(N) // group_size
+    rows = torch.ones(N) if row_importance is None else row_importance.float().cpu()
+    rows = rows.clamp(min=0) + 1e-8 * rows.mean().clamp(min=1e-30)
+    for r in range(rounds):
+        indices, targets, col_weight = _flushing_denormals(_feedback_pass, W, tables[groups], hinv)
+        if r == rounds - 1:
+            break
+        slot = (indices + groups[:, None] * tables.shape[1]).view(-1)
+        weight = (rows[:, None] * col_weight).reshape(-1)  # (N·K,)
+        mass = torch.zeros(tables.numel()).index_add_(0, slot, weight)
+        total = torch.zeros(tables.numel()).index_add_(0, slot, targets.reshape(-1) * weight)
+        refit = (total / mass.clamp(min=1e-30)).view_as(tables)
+        tables = torch.where(mass.view_as(tables) > 0, refit, tables)
+        tables = tables.to(TABLE_DTYPE).float()  # choose indices against the stored entries
+    inverse = order.argsort()
+    return Palette(indices[:, inverse].to(torch.uint8), tables.to(TABLE_DTYPE))
+
+
+def palettize_weight(
+    w: torch.Tensor,
+    bits: int,
+    *,
+    hessian: torch.Tensor | None = None,
+    row_importance: torch.Tensor | None = None,
+    group_size: int = GROUP_SIZE,
+) -> Palette:
+    """k-means tables weighted by the diagonal of ``hessian`` (K,) times ``row_importance``
+    (N,) where given, then, with a ``hessian``, indices and tables re-chosen for the layer's
+    output error (``assign_with_feedback``)."""
+    importance = None if hessian is None else hessian.diagonal()
+    if row_importance is not None:
+        cols = torch.ones(w.shape[1]) if importance is None else importance
+        importance = row_importance.float()[:, None] * cols.float()[None, :]  # (N, K)
+    palette = kmeans_tables(w, bits, importance, group_size=group_size)
+    if hessian is None:
+        return palette
+    return assign_with_feedback(
+        w, palette, hessian, row_importance=row_importance, group_size=group_size
+    )
