@@ -45,9 +45,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.afm import AFM
-from models.kernels import SharedPrefixAttention, pack_shared_prefix
 from models.lora import adapters_disabled, lora_layers, lora_parameters
-from models.posttrain import PostTrainResult, Progress, recorder, run_flat, training_device
+from models.posttrain import (
+    PostTrainResult,
+    Progress,
+    recorder,
+    response_logits,
+    training_device,
+)
 from models.preferences import DEFAULT_MARGINS, DEFAULT_SOFT_TARGETS, Preference
 from models.tokenizer import TextTokenizer
 from models.train import TrainConfig, train
@@ -188,22 +193,10 @@ def response_logprobs(
     continuing the prompt's), and only the positions that predict a response token go
     through the output head: the (tokens, vocab) logits of the whole batch are never built."""
     B, K = len(prompts), len(responses[0])
-    sp = pack_shared_prefix(prompts, responses)
-    p_len = torch.tensor([len(p) for p in prompts])  # (B,)
-    r_len = torch.tensor([len(r) for rs in responses for r in rs])  # (B·K,)
-    R = sp.response.shape[1]
-    real = torch.arange(R) < r_len[:, None]  # (B·K, R)
-    prompt_last = sp.prompt.gather(1, (p_len - 1)[:, None]).repeat_interleave(K, 0)  # (B·K, 1)
-    predictor = torch.cat((prompt_last, sp.response[:, :-1]), 1)[real]  # (M,) token before
-    target = sp.response[real]  # (M,) flat index of each response token
-    row = torch.arange(B * K)[:, None].expand(-1, R)[real]  # (M,) its response
-    sp = sp.to(model.device, model.rope_cos.dtype)
-    h = run_flat(model, sp.tokens, sp.positions, SharedPrefixAttention(sp))  # (N, dim)
-    device = h.device
-    logits = model.head(h[predictor.to(device)]).float()  # (M, vocab)
-    token_lp = -F.cross_entropy(logits, sp.tokens[target.to(device)], reduction="none")
-    sums = torch.zeros(B * K, device=device).index_add(0, row.to(device), token_lp)
-    return sums.view(B, K), r_len.view(B, K).to(device)
+    logits, targets, row, r_len = response_logits(model, prompts, responses)
+    token_lp = -F.cross_entropy(logits, targets, reduction="none")  # (M,)
+    sums = torch.zeros(B * K, device=logits.device).index_add(0, row, token_lp)
+    return sums.view(B, K), r_len.view(B, K)
 
 
 # ------------------------------------------------------------------------------ reference

@@ -69,9 +69,8 @@ import torch.nn.functional as F
 from models.afm import AFM
 from models.checkpoint import default_device
 from models.generate import generate
-from models.kernels import SharedPrefixAttention, pack_shared_prefix
 from models.lora import adapters_disabled, lora_layers
-from models.posttrain import PostTrainResult, Progress, recorder, run_flat
+from models.posttrain import PostTrainResult, Progress, recorder, response_logits
 from models.tokenizer import TextTokenizer
 from models.train import (
     TrainConfig,
@@ -241,27 +240,14 @@ def token_logprobs(
     ``models.posttrain.dpo.response_logprobs`` (whose sums these are): each prompt runs once
     for its K responses in ``pack_shared_prefix``'s layout, and only the positions that
     predict a response token go through the output head."""
-    B, K = len(prompts), len(responses[0])
-    sp = pack_shared_prefix(prompts, responses)
-    p_len = torch.tensor([len(p) for p in prompts])  # (B,)
-    r_len = torch.tensor([len(r) for rs in responses for r in rs])  # (B·K,)
-    R = sp.response.shape[1]
-    real = torch.arange(R) < r_len[:, None]  # (B·K, R)
-    prompt_last = sp.prompt.gather(1, (p_len - 1)[:, None]).repeat_interleave(K, 0)  # (B·K, 1)
-    predictor = torch.cat((prompt_last, sp.response[:, :-1]), 1)[real]  # (M,) token before
-    target = sp.response[real]  # (M,) flat index of each response token
-    row = torch.arange(B * K)[:, None].expand(-1, R)[real]  # (M,)
-    sp = sp.to(model.device, model.rope_cos.dtype)
-    h = run_flat(model, sp.tokens, sp.positions, SharedPrefixAttention(sp))  # (N, dim)
-    device = h.device
-    logits = model.head(h[predictor.to(device)]).float()  # (M, vocab)
+    logits, targets, row, _ = response_logits(model, prompts, responses)
     logp_all = F.log_softmax(logits, dim=-1)  # (M, vocab)
-    logp = logp_all.gather(1, sp.tokens[target.to(device)][:, None])[:, 0]  # (M,)
+    logp = logp_all.gather(1, targets[:, None])[:, 0]  # (M,)
     ent = None
     if entropy:
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)  # (M,)
-    return TokenLogprobs(logp, ent, row.to(device))
+    return TokenLogprobs(logp, ent, row)
 
 
 # ------------------------------------------------------------------------------ sampling
