@@ -42,7 +42,7 @@ import time
 import torch
 
 from models.afm import AFM, AFMConfig
-from models.checkpoint import hf_state_dict
+from models.checkpoint import hf_llama_config, hf_state_dict
 from models.preferences import Preference
 from models.reward import evaluate_reward_model, train_reward_model
 from models.reward_backbones import DecoderBackbone
@@ -110,16 +110,11 @@ def make_models(cfg: AFMConfig, seed: int):
     afm = AFM(cfg).init_weights(seed=seed)
     hf = LlamaForSequenceClassification(
         LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.dim,
-            intermediate_size=cfg.hidden_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_base,
-            max_position_embeddings=cfg.max_seq_len,
-            tie_word_embeddings=cfg.tie_embeddings,
+            **{
+                k: v
+                for k, v in hf_llama_config(cfg).items()
+                if k not in ("model_type", "architectures")
+            },
             num_labels=1,
             pad_token_id=0,
             eos_token_id=1,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.afm import AFM, config_from_preset
-from models.checkpoint import hf_state_dict
+from models.checkpoint import hf_llama_config, hf_state_dict
 from models.linear import Int4Linear, Linear
 from models.lora import (
     LoRALinear,
@@ -209,25 +209,16 @@ def test_independent_peft_adapters_on_q_and_v_load_as_an_exact_fused_adapter(tmp
         torch.testing.assert_close(wrapper.delta(), delta, rtol=1e-5, atol=1e-4)
 
 
+HF_META = ("model_type", "architectures")  # config.json fields, not LlamaConfig arguments
+
+
 def _hf_llama(model: AFM):
     """transformers' LlamaForCausalLM with ``model``'s weights (q/k/v and gate/up split)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = model.cfg
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.dim,
-            intermediate_size=cfg.hidden_dim,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_base,
-            max_position_embeddings=cfg.max_seq_len,
-            tie_word_embeddings=True,
-        )
-    )
+    fields = {k: v for k, v in hf_llama_config(cfg).items() if k not in HF_META}
+    hf = LlamaForCausalLM(LlamaConfig(**{**fields, "tie_word_embeddings": True}))
     out = hf_state_dict(model.state_dict(), cfg)
     missing, unexpected = hf.load_state_dict(out, strict=False)
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
