@@ -19,7 +19,7 @@ from django.conf import settings
 from core.jobs import JobError
 from core.models import Job
 from evalhub.models import ModelVersion
-from evalhub.posttrain import policy_param, queue_suites, suites_param
+from evalhub.posttrain import Curves, policy_param, queue_suites, suites_param
 
 DEFAULTS = {"bits": 4, "embedding_bits": 4, "calib_seqs": 16, "eval_seqs": 8, "max_len": 384}
 
@@ -225,7 +225,7 @@ def run_recovery(job: Job) -> dict:
 
     train_text, held_out = batches(rows[:n_train]), batches(rows[-n_eval:])
     before = distribution_gap(teacher, compressed, held_out)
-    curves = _curves(job)
+    curves = Curves(job)
     config = TrainConfig(
         lr=float(p["lr"]),
         batch_size=int(p["batch_size"]),
@@ -277,9 +277,3 @@ def run_recovery(job: Job) -> dict:
     )
     runs = queue_suites(version, suites, p.get("eval_limit"), job)
     return {"model_id": version.pk, "name": name, "quality": quality, "eval_runs": runs}
-
-
-def _curves(job: Job):
-    from evalhub.posttrain import Curves
-
-    return Curves(job)
