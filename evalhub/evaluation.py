@@ -16,7 +16,7 @@ from grading.quality import single_sided_grades
 from models.backends import BackendError
 from models.provenance import package_versions, source_commit
 from suites import REGISTRY
-from suites.base import GenerateRequest, SampleResult
+from suites.base import GenerateRequest, SampleResult, stratified_sample
 from suites.runner import run_suite
 from suites.stats import paired_bootstrap_diff
 
@@ -60,11 +60,8 @@ def evaluate_run(run: EvalRun, job: Job | None = None, on_batch=None, shard=None
     except BackendError as exc:
         raise JobError(f"model {run.model.name} cannot be loaded: {exc}") from exc
     done = set(run.samples.values_list("example_id", flat=True))
-    asked = {
-        ex.id: _asked(suite.requests(ex)[0])
-        for ex in suite.examples(run.settings.get("limit"))
-        if ex.id not in done
-    }
+    chosen = run_sample(run, suite)
+    asked = {ex.id: _asked(suite.requests(ex)[0]) for ex in chosen if ex.id not in done}
 
     def store(new: list[SampleResult], n_done: int, total: int) -> None:
         for r in new:
@@ -73,7 +70,8 @@ def evaluate_run(run: EvalRun, job: Job | None = None, on_batch=None, shard=None
             [_sample(run, suite, r) for r in new], ignore_conflicts=True
         )  # a redelivered batch is a no-op
         if job is not None:
-            job.report(n_done / max(total, 1), f"{n_done + len(done)} samples scored")
+            scored = n_done + len(done)
+            job.report(scored / max(len(chosen), 1), f"{scored} of {len(chosen)} samples scored")
         if on_batch is not None:
             on_batch(len(new), n_done, total)
 
@@ -86,10 +84,24 @@ def evaluate_run(run: EvalRun, job: Job | None = None, on_batch=None, shard=None
         done_ids=done,
         batch_size=int(opts.get("batch_size", 8)),
         shard=shard,
+        seed=int(opts.get("seed", 0)),
     )
     if shard is not None:
         return finish_shard(run, job, shard, result.meta, backend)
     return _aggregate(run, suite, result.meta, backend)
+
+
+def run_sample(run: EvalRun, suite) -> list:
+    """The examples the run scores (``Suite.sample`` with its limit and seed); records how many
+    of how many on the run, so its page shows a total before the first sample is scored."""
+    pool = suite.examples()
+    chosen = stratified_sample(
+        pool, run.settings.get("limit"), int(run.settings.get("seed", 0)), suite.category_of
+    )
+    if (run.planned, run.suite_size) != (len(chosen), len(pool)):
+        run.planned, run.suite_size = len(chosen), len(pool)
+        run.save(update_fields=["planned", "suite_size"])
+    return chosen
 
 
 def _aggregate(run: EvalRun, suite, meta: dict, backend) -> dict:
@@ -97,14 +109,17 @@ def _aggregate(run: EvalRun, suite, meta: dict, backend) -> dict:
         SampleResult(s.example_id, s.metrics, s.extracted, s.details) for s in run.samples.all()
     ]
     run.metrics = suite.aggregate(stored)
+    run.complete = run.suite_size is not None and len(stored) >= run.suite_size
     if suite.judged:
         run.metrics["judge_vs_human"] = judge_agreement_with_humans(run, suite)
     run.manifest = manifest(run, meta, backend)
     run.regressions = regressions(run, suite.headline, lower_is_better=suite.lower_is_better)
-    run.save(update_fields=["metrics", "manifest", "regressions"])
+    run.save(update_fields=["metrics", "complete", "manifest", "regressions"])
     return {
         "run_id": run.pk,
         "n": len(stored),
+        "suite_size": run.suite_size,
+        "complete": run.complete,
         "headline": suite.headline,
         "score": run.metrics.get(suite.headline, {}).get("mean"),
         "regressions": run.regressions,
@@ -139,7 +154,7 @@ def judge_agreement_with_humans(run: EvalRun, suite) -> dict:
     if not grades:
         return {"agreement": None, "cohen_kappa": None, "n": 0}
     human = HumanJudge(grades)
-    prompts = {ex.id: ex.prompt for ex in suite.examples(run.settings.get("limit"))}
+    prompts = {ex.id: ex.prompt for ex in suite.examples()}
     ours, theirs = [], []
     for sample in run.samples.all():
         key = (prompts.get(sample.example_id), sample.details.get("response"))

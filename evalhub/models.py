@@ -75,6 +75,11 @@ class EvalRun(models.Model):
     model = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="runs")
     suite = models.CharField(max_length=50, db_index=True)
     settings = models.JSONField(default=dict, blank=True)  # limit, batch_size, seed
+    # Set when the job starts: the examples it scores (a seeded stratified sample when limited)
+    # out of the suite's; `complete` once every example of the suite has a stored score.
+    planned = models.PositiveIntegerField(null=True, blank=True)
+    suite_size = models.PositiveIntegerField(null=True, blank=True)
+    complete = models.BooleanField(default=False, db_index=True)
     job = models.OneToOneField(
         Job, null=True, blank=True, on_delete=models.SET_NULL, related_name="eval_run"
     )
@@ -89,6 +94,16 @@ class EvalRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} on {self.suite} (run {self.pk})"
+
+    @property
+    def is_partial(self) -> bool:
+        """Finished on a sample of the suite: its score must not rank beside full runs."""
+        return self.metrics is not None and not self.complete
+
+    @property
+    def total(self) -> int | None:
+        """Examples the run will score: known once the job starts, or from its limit."""
+        return self.planned if self.planned is not None else self.settings.get("limit")
 
 
 class EvalSample(models.Model):

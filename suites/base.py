@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import random
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
@@ -123,8 +125,18 @@ class Suite(Generic[E]):
     spec: SuiteSpec
 
     def examples(self, limit: int | None = None) -> list[E]:
-        """The scored examples in a fixed order; the first `limit` when given."""
+        """The scored examples in a fixed order; the first `limit` when given (a preview for
+        tests and notebooks: runs score `sample(limit, seed)`, which is not the first N)."""
         raise NotImplementedError
+
+    def category_of(self, ex: E) -> Hashable:
+        """The stratum `sample` draws `ex` from: the example's `category` field (MMLU's
+        subject, BFCL's and the safety suites' category), or one stratum for suites without."""
+        return getattr(ex, self.category, None) if self.category else None
+
+    def sample(self, limit: int | None = None, seed: int = 0) -> list[E]:
+        """The examples a run with this `limit` and `seed` scores (`stratified_sample`)."""
+        return stratified_sample(self.examples(), limit, seed, self.category_of)
 
     def requests(self, ex: E) -> list[Request]:
         """What to ask the model for one example; all of one kind (generate or loglikelihood)."""
@@ -188,6 +200,36 @@ def read_jsonl(path: Path | str) -> Iterator[dict[str, Any]]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+def stratified_sample(
+    items: Sequence[E], limit: int | None, seed: int, key: Callable[[E], Hashable]
+) -> list[E]:
+    """`limit` of `items` drawn at random with `seed`, each stratum (`key`) keeping its share,
+    returned in the items' own order (MMLU's subjects stay together for prefix caching).
+
+    Stratum sizes are proportional to the population's by largest remainder (Hamilton's
+    method: floor of each quota, then one more to the largest remainders, ties broken by the
+    seeded generator), so a stratum never gets more than one example off its exact share.
+    Every item when `limit` is None or at least the population size.
+    """
+    if limit is None or limit >= len(items):
+        return list(items)
+    if limit <= 0:
+        return []
+    strata: dict[Hashable, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        strata[key(item)].append(i)
+    rng = random.Random(seed)
+    order = sorted(strata, key=str)  # a fixed order, so one seed gives one sample
+    quota = {s: limit * len(strata[s]) for s in order}  # exact share times len(items)
+    counts = {s: quota[s] // len(items) for s in order}
+    tiebreak = {s: rng.random() for s in order}
+    by_remainder = sorted(order, key=lambda s: (-(quota[s] % len(items)), tiebreak[s]))
+    for s in by_remainder[: limit - sum(counts.values())]:
+        counts[s] += 1
+    chosen = sorted(i for s in order for i in rng.sample(strata[s], counts[s]))
+    return [items[i] for i in chosen]
 
 
 def take(items: Iterable[E], limit: int | None) -> list[E]:

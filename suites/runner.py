@@ -22,6 +22,7 @@ from suites.base import (
     Request,
     SampleResult,
     Suite,
+    stratified_sample,
 )
 
 
@@ -61,8 +62,11 @@ def run_suite(
     done_ids: Collection[str] = frozenset(),
     batch_size: int = 16,
     shard: tuple[int, int] | None = None,
+    seed: int = 0,
 ) -> RunResult:
-    """Score the first `limit` examples of `suite`, skipping ids in `done_ids`.
+    """Score `limit` examples of `suite` drawn with `seed` (`Suite.sample`: stratified by
+    category, not the first N; every example when `limit` is None), skipping ids in
+    `done_ids`. `meta` says how many the suite has and whether the sample is all of them.
 
     `batch_size` counts examples; all requests of a batch go to the backend in one call, in
     suite order (MMLU keeps a subject's shared prefix together). On resume, `metrics` covers
@@ -70,9 +74,11 @@ def run_suite(
     `shard=(k, n)` scores only the examples whose position i satisfies i % n == k, so n workers
     can split one run; MMLU subjects still reach each shard in order.
     """
+    pool = suite.examples()
+    chosen = stratified_sample(pool, limit, seed, suite.category_of)
     examples = [
         ex
-        for i, ex in enumerate(suite.examples(limit))
+        for i, ex in enumerate(chosen)
         if ex.id not in done_ids and (shard is None or i % shard[1] == shard[0])
     ]
     samples: list[SampleResult] = []
@@ -93,6 +99,10 @@ def run_suite(
         "backend": type(backend).__name__,
         "batch_size": batch_size,
         "limit": limit,
+        "seed": seed,
+        "sample_size": len(chosen),
+        "suite_size": len(pool),
+        "complete": len(chosen) == len(pool),
         "skipped": len(done_ids),
         "seconds": time.monotonic() - started,
     }

@@ -41,7 +41,7 @@ class ScriptedBackend:
 
 def test_it_batches_generation_and_scores_every_example():
     suite = GSM8K()
-    examples = suite.examples(10)
+    examples = suite.sample(10)
     backend = ScriptedBackend({suite.prompt(ex)[-60:]: ex.target for ex in examples[:7]})
     run = run_suite(suite, backend, limit=10, batch_size=4)
     assert backend.generate_calls == [4, 4, 2]
@@ -53,7 +53,7 @@ def test_it_batches_generation_and_scores_every_example():
 
 def test_resume_skips_done_ids_and_reports_progress():
     suite = GSM8K()
-    done = {ex.id for ex in suite.examples(5)[:3]}
+    done = {ex.id for ex in suite.sample(5)[:3]}
     seen: list[tuple[int, int, int]] = []
     run = run_suite(
         suite,

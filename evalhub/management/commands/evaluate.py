@@ -18,10 +18,17 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True)
         parser.add_argument("--suite", required=True, choices=sorted(REGISTRY))
-        parser.add_argument("--limit", type=int, default=None)
+        parser.add_argument(
+            "--limit",
+            type=int,
+            default=None,
+            help="score a seeded sample of this many examples, stratified by subject/category "
+            "(the run is marked partial); default: the whole suite",
+        )
+        parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
         parser.add_argument("--batch-size", type=int, default=8)
 
-    def handle(self, *args, model: str, suite: str, limit, batch_size: int, **options):
+    def handle(self, *args, model: str, suite: str, limit, seed: int, batch_size: int, **options):
         version = ModelVersion.objects.filter(name=model).first()
         if version is None:
             raise CommandError(f"no registered model named {model!r}")
@@ -29,7 +36,10 @@ class Command(BaseCommand):
             kind="evaluate", status=Job.RUNNING, attempts=1, params={"source": "manage.py evaluate"}
         )
         run = EvalRun.objects.create(
-            model=version, suite=suite, job=job, settings={"limit": limit, "batch_size": batch_size}
+            model=version,
+            suite=suite,
+            job=job,
+            settings={"limit": limit, "seed": seed, "batch_size": batch_size},
         )
         job.params["run_id"] = run.pk
         job.save(update_fields=["params"])
@@ -50,7 +60,13 @@ class Command(BaseCommand):
         self._table(run)
 
     def _table(self, run: EvalRun) -> None:
-        table = Table(title=f"{run.model.name} on {run.suite} (run {run.pk})")
+        scope = (
+            "complete"
+            if run.complete
+            else f"PARTIAL: {run.metrics.get('n')} of {run.suite_size} examples, "
+            f"seed {run.settings.get('seed', 0)}"
+        )
+        table = Table(title=f"{run.model.name} on {run.suite} (run {run.pk}, {scope})")
         for column in ("metric", "mean", "95% interval", "n"):
             table.add_column(column)
         for name, value in run.metrics.items():
