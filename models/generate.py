@@ -191,6 +191,7 @@ def generate(
     pad_id: int = 0,
     seed: int | None = None,
     draft: Draft | None = None,
+    share_prefix: bool = True,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) and return the new tokens per prompt.
 
@@ -202,6 +203,8 @@ def generate(
     draft: makes greedy decoding speculative (see ``_speculate``): the same tokens (up to the
         same float rounding), from fewer passes over ``model``'s weights. Ignored when
         sampling. This call's proposals are added to its tally.
+    share_prefix: run the prompts' common prefix once (``prefill``); False when rows differ in
+        more than their tokens (a batch mixing LoRA adapters, ``models.adapters``).
     """
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
@@ -218,7 +221,8 @@ def generate(
     out = _Outputs(B, max_new_tokens, stop_token_ids, should_stop)
 
     cache = model.new_cache(B, tokens.shape[1] + max_new_tokens + k)
-    hidden = prefill(model, prompts, tokens, positions, cache, key_valid)
+    min_shared = 8 if share_prefix else model.cfg.max_seq_len + 1
+    hidden = prefill(model, prompts, tokens, positions, cache, key_valid, min_shared)
 
     def pick(hidden: torch.Tensor) -> torch.Tensor:  # (B, dim) -> next tokens (B,)
         if temperature <= 0.0:

@@ -18,7 +18,12 @@ Features, with references:
   (the DPO reference without a second copy of the model);
 - ``save_adapter`` / ``load_adapter``: ``adapter_config.json`` + ``adapter_model.safetensors``
   under PEFT's key names for the Hugging Face Llama version of the model, which ``peft``
-  loads onto ``LlamaForCausalLM``.
+  loads onto ``LlamaForCausalLM``; ``adapter_factors`` reads one as plain tensors;
+- many adapters on one base (``routed``): inside the context, each wrapper of a model adds the
+  update of the adapter its batch row asked for, the base computed once for all rows, as
+  S-LoRA and Punica serve many adapters from one copy of the base (Sheng et al. 2023,
+  arXiv:2311.03285; Chen et al. 2023, arXiv:2310.18547). A rank-0 ``LoRALinear`` is such a
+  slot with no adapter of its own (``models.adapters`` installs them and caches adapters).
 
 Fused projections in PEFT's layout. Our q/k/v (and gate/up) are one matrix; Hugging Face has
 three (two). A fused adapter's update is B·A with one A shared by every output row, so row
@@ -34,6 +39,7 @@ rows). Adapters that share A (as ours) load back at rank r.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -80,7 +86,9 @@ class LoRALinear(Projection):
 
     A and B are fp32 parameters on the base's device; their product is added in the base
     output's dtype (the int4 kernel answers in bf16). ``enabled = False`` gives the base alone
-    (``adapters_disabled``)."""
+    (``adapters_disabled``). Rank 0 is a slot with no adapter of its own, for ``routed``
+    serving: it computes the base and whatever update the routing gives its rows. ``site`` is
+    (layer, target name) for wrappers that ``apply_lora`` / ``load_adapter`` put in."""
 
     def __init__(
         self,
@@ -91,23 +99,29 @@ class LoRALinear(Projection):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be positive, not {rank}")
+        if rank < 0:
+            raise ValueError(f"LoRA rank must be positive (or 0 for a slot), not {rank}")
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.rank, self.alpha, self.scale = rank, float(alpha), alpha / rank
+        self.rank, self.alpha, self.scale = rank, float(alpha), alpha / rank if rank else 0.0
+        self.site: tuple[int, str] | None = None
         device = _device_of(base)
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
-        # PEFT's init of A (B is zero), drawn on the CPU so a seed gives the same A anywhere
-        a = torch.empty(rank, self.in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        with torch.no_grad():
-            self.lora_A.copy_(a)
+        if rank:  # PEFT's init of A (B is zero), drawn on the CPU: a seed gives one A anywhere
+            a = torch.empty(rank, self.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            with torch.no_grad():
+                self.lora_A.copy_(a)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.enabled = True
+        self.enabled = rank > 0
 
     def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        routes = _ROUTES.get()
+        if routes is not None and id(self) in routes:  # serving: the rows' adapters, not ours
+            route = routes[id(self)]
+            y = self.base(x, rows)
+            return y if route is None else route.add(x, y, rows)
         y = self._base(x, rows)
         if not self.enabled:
             return y
@@ -151,7 +165,7 @@ class LoRALinear(Projection):
 
 
 # ------------------------------------------------------------------------- model surgery
-def _sites(model: AFM) -> Iterator[tuple[int, str, nn.Module]]:
+def sites(model: AFM) -> Iterator[tuple[int, str, nn.Module]]:
     """(layer, target name, owning module) for every block projection an adapter can go on,
     found by the owner's type: attention's wqkv and wo, the feed-forward's w13 and w2."""
     for i, block in enumerate(model.blocks):
@@ -183,13 +197,14 @@ def apply_lora(
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     wrappers = []
-    for _, name, owner in _sites(model):
+    for layer, name, owner in sites(model):
         if name not in targets:
             continue
         base = getattr(owner, name)
         if isinstance(base, LoRALinear):
             raise ValueError(f"{name} already has a LoRA adapter (merge_lora or load_adapter)")
         wrapper = LoRALinear(base, rank, alpha, dropout, generator)
+        wrapper.site = (layer, name)
         setattr(owner, name, wrapper)
         wrappers.append(wrapper)
     return wrappers
@@ -207,7 +222,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 def merge_lora(model: AFM) -> AFM:
     """Fold every adapter into its base (``LoRALinear.merge``) and drop the wrappers; the
     model is a plain AFM again (its state dict has the base's keys)."""
-    for _, name, owner in _sites(model):
+    for _, name, owner in sites(model):
         projection = getattr(owner, name)
         if isinstance(projection, LoRALinear):
             setattr(owner, name, projection.merge())
@@ -255,9 +270,9 @@ def save_adapter(
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, float]] = {}  # HF module path -> (r, alpha)
     dropout = 0.0
-    for layer, name, owner in _sites(model):
+    for layer, name, owner in sites(model):
         m = getattr(owner, name)
-        if not isinstance(m, LoRALinear):
+        if not isinstance(m, LoRALinear) or m.rank == 0:
             continue
         if isinstance(m.dropout, nn.Dropout):
             dropout = m.dropout.p
@@ -309,20 +324,23 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def load_adapter(model: AFM, path: str | os.PathLike) -> list[LoRALinear]:
-    """Put the PEFT-layout adapter at ``path`` on ``model`` (replacing adapters it has) and
-    freeze everything else; return the wrappers. Hugging Face modules of one fused projection
-    that share A and scale load at their rank; others as the block-diagonal fusion of the
-    module docstring. ValueError for an adapter on modules this model does not have."""
+# (layer, target name) -> (A (r, in), B (out, r), scale): one adapter as plain tensors
+Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def adapter_factors(model: AFM, path: str | os.PathLike) -> tuple[Factors, float]:
+    """The PEFT-layout adapter at ``path`` as fused factors per site of ``model`` (sites it
+    leaves out are absent), and its dropout. Hugging Face modules of one fused projection
+    that share A and scale keep their rank; others become the block-diagonal fusion of the
+    module docstring (scale 1). ValueError for an adapter on modules ``model`` lacks."""
     src = Path(path)
     config = json.loads((src / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise ValueError(f"{src}: not a plain LoRA adapter ({config.get('peft_type')})")
     tensors = load_file(src / ADAPTER_WEIGHTS)
     used: set[str] = set()
-    model.requires_grad_(False)
-    wrappers = []
-    for layer, name, owner in _sites(model):
+    factors: Factors = {}
+    for layer, name, _ in sites(model):
         parts: list[tuple[torch.Tensor, torch.Tensor, float] | None] = []  # per HF module
         for hf, _ in _hf_parts(model, name):
             key = _prefix(layer) + hf
@@ -336,49 +354,142 @@ def load_adapter(model: AFM, path: str | os.PathLike) -> list[LoRALinear]:
             r = A.shape[0]
             scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
             parts.append((A.float(), B.float(), scale))
-        if all(p is None for p in parts):
-            continue
-        base = getattr(owner, name)
-        base = base.base if isinstance(base, LoRALinear) else base
-        wrapper = _fused(base, parts, _rows(model, name), float(config.get("lora_dropout", 0.0)))
-        setattr(owner, name, wrapper)
-        wrappers.append(wrapper)
+        if any(p is not None for p in parts):
+            factors[(layer, name)] = _fuse(parts, _rows(model, name))
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"{src}: weights for modules this model has no site for: {unused[:4]}")
+    return factors, float(config.get("lora_dropout", 0.0))
+
+
+def load_adapter(model: AFM, path: str | os.PathLike) -> list[LoRALinear]:
+    """Put the PEFT-layout adapter at ``path`` on ``model`` (replacing adapters it has, as
+    ``adapter_factors`` reads it) and freeze everything else; return the wrappers."""
+    factors, dropout = adapter_factors(model, path)
+    model.requires_grad_(False)
+    wrappers = []
+    for layer, name, owner in sites(model):
+        if (layer, name) not in factors:
+            continue
+        A, B, scale = factors[(layer, name)]
+        base = getattr(owner, name)
+        base = base.base if isinstance(base, LoRALinear) else base
+        wrapper = LoRALinear(base, A.shape[0], scale * A.shape[0], dropout)
+        wrapper.site = (layer, name)
+        with torch.no_grad():
+            wrapper.lora_A.copy_(A)
+            wrapper.lora_B.copy_(B)
+        setattr(owner, name, wrapper)
+        wrappers.append(wrapper)
     return wrappers
 
 
-def _fused(
-    base: Projection,
-    parts: list[tuple[torch.Tensor, torch.Tensor, float] | None],
-    rows: list[int],
-    dropout: float,
-) -> LoRALinear:
-    """One ``LoRALinear`` equal to the HF modules' adapters ``parts`` on the row blocks
-    ``rows`` of ``base`` (None: no adapter on that block)."""
+def _fuse(
+    parts: list[tuple[torch.Tensor, torch.Tensor, float] | None], rows: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, scale) of one adapter equal to the HF modules' adapters ``parts`` on the row
+    blocks ``rows`` of a fused projection (None: no adapter on that block)."""
     present = [p for p in parts if p is not None]
     A0, _, s0 = present[0]
-    shared = all(torch.equal(A, A0) and s == s0 for A, _, s in present)
-    if shared:
+    if all(torch.equal(A, A0) and s == s0 for A, _, s in present):
         r = A0.shape[0]
-        wrapper = LoRALinear(base, r, s0 * r, dropout)
         blocks = [
             p[1] if p is not None else torch.zeros(n, r) for p, n in zip(parts, rows, strict=True)
         ]
-        A, B = A0, torch.cat(blocks)
-    else:  # block-diagonal: rank = Σ r_i, scales folded into B, wrapper scale 1
-        r = sum(A.shape[0] for A, _, _ in present)
-        wrapper = LoRALinear(base, r, float(r), dropout)
-        A, B = torch.cat([a for a, _, _ in present]), torch.zeros(sum(rows), r)
-        row, col = 0, 0
-        for p, n in zip(parts, rows, strict=True):
-            if p is not None:
-                a, b, s = p
-                B[row : row + n, col : col + a.shape[0]] = b * s
-                col += a.shape[0]
-            row += n
-    with torch.no_grad():
-        wrapper.lora_A.copy_(A)
-        wrapper.lora_B.copy_(B)
-    return wrapper
+        return A0, torch.cat(blocks), s0
+    # block-diagonal: rank = Σ r_i, scales folded into B
+    A = torch.cat([a for a, _, _ in present])
+    B = torch.zeros(sum(rows), A.shape[0])
+    row, col = 0, 0
+    for p, n in zip(parts, rows, strict=True):
+        if p is not None:
+            a, b, s = p
+            B[row : row + n, col : col + a.shape[0]] = b * s
+            col += a.shape[0]
+        row += n
+    return A, B, 1.0
+
+
+# ------------------------------------------------------------ many adapters on one base
+class RowDeltas:
+    """One projection's low-rank updates for the rows of a batch (dim 0 of its input): row i
+    gets (x_i Aᵢᵀ) Bᵢᵀ, the scale folded into Bᵢ, or nothing for None. One adapter for every
+    row works on any layout (the flat one included); different ones need one input row per
+    batch row.
+
+    strategy "group": one pair of matmuls per distinct adapter over its rows' inputs, added
+    back by index (``index_add_``); "gather": every row's factors stacked, zero-padded to the
+    largest rank, and applied by two batched matmuls (Punica's BGMV, arXiv:2310.18547),
+    which pays a copy of the factors per row. benchmarks/adapter_swap.py measures both."""
+
+    def __init__(
+        self,
+        per_row: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+        strategy: str = "group",
+    ):
+        if strategy not in ("group", "gather"):
+            raise ValueError(f"unknown strategy {strategy!r}; known: 'group', 'gather'")
+        self.n_rows, self.strategy = len(per_row), strategy
+        distinct: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]] = {}
+        for i, f in enumerate(per_row):
+            if f is not None:
+                distinct.setdefault(id(f[0]), (f, []))[1].append(i)
+        self.single = None
+        if len(distinct) == 1 and all(f is not None for f in per_row):
+            self.single = next(iter(distinct.values()))[0]
+            return
+        device = next(iter(distinct.values()))[0][0].device
+        self.groups = [
+            (torch.tensor(rows, device=device), A, B) for (A, B), rows in distinct.values()
+        ]
+        if strategy == "gather":
+            some = self.groups[0]
+            r = max(A.shape[0] for _, A, _ in self.groups)
+            A_rows = some[1].new_zeros(self.n_rows, r, some[1].shape[1])  # (n, r, in)
+            B_rows = some[2].new_zeros(self.n_rows, some[2].shape[0], r)  # (n, out, r)
+            for idx, A, B in self.groups:
+                A_rows[idx, : A.shape[0]] = A
+                B_rows[idx, :, : A.shape[0]] = B
+            self.A_rows, self.B_rows = A_rows, B_rows
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """y (the base's output for x, any dtype) plus each row's update; y may be updated
+        in place (it is the base's fresh output)."""
+        if self.single is not None:
+            A, B = self.single
+            B = B if rows is None else B[rows]
+            return y + F.linear(F.linear(x.to(A.dtype), A), B).to(y.dtype)
+        if x.shape[0] != self.n_rows:
+            raise ValueError(
+                f"a batch mixing adapters needs one input row per batch row ({self.n_rows}), "
+                f"not {x.shape[0]}: run shared prompt prefixes per adapter"
+            )
+        if self.strategy == "gather":
+            A_rows = self.A_rows.to(x.device)
+            B_rows = self.B_rows if rows is None else self.B_rows[:, rows]
+            h = torch.bmm(x.reshape(self.n_rows, -1, x.shape[-1]).to(A_rows.dtype), A_rows.mT)
+            d = torch.bmm(h, B_rows.mT)  # (n, tokens, out)
+            return y + d.view(y.shape).to(y.dtype)
+        for idx, A, B in self.groups:
+            B = B if rows is None else B[rows]
+            d = F.linear(F.linear(x.index_select(0, idx).to(A.dtype), A), B)
+            y.index_add_(0, idx, d.to(y.dtype))
+        return y
+
+
+_ROUTES: contextvars.ContextVar[dict[int, RowDeltas | None] | None] = contextvars.ContextVar(
+    "lora_routes", default=None
+)
+
+
+@contextlib.contextmanager
+def routed(routes: dict[LoRALinear, RowDeltas | None]) -> Iterator[None]:
+    """Inside the block, in this thread (or task) only, each wrapper in ``routes`` computes
+    its base and the given rows' updates (None: the base alone) instead of its own adapter.
+    Other threads running the same model are unaffected, so concurrent requests for
+    different adapters share one base without a lock."""
+    token = _ROUTES.set({id(m): deltas for m, deltas in routes.items()})
+    try:
+        yield
+    finally:
+        _ROUTES.reset(token)

@@ -80,6 +80,10 @@ class TokenBackend:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     def generate(self, prompts: Sequence[str], args: GenerationArgs) -> list[str]:
+        return self._generate_text(prompts, args)
+
+    def _generate_text(self, prompts: Sequence[str], args: GenerationArgs, **route) -> list[str]:
+        """``generate``; ``route`` goes to ``_generate_ids`` (the builtin engine's adapters)."""
         tok = self.tokenizer
         ids = [tok.encode(p) for p in prompts]
         should_stop = None
@@ -92,7 +96,7 @@ class TokenBackend:
                 text = tok.decode(new_ids[-tail:], skip_special_tokens=True)
                 return any(s in text for s in args.stop)
 
-        outputs = self._generate_ids(ids, args, should_stop)
+        outputs = self._generate_ids(ids, args, should_stop, **route)
         return [cut_at_stop(tok.decode(o, skip_special_tokens=True), args.stop) for o in outputs]
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
