@@ -5,17 +5,26 @@ makes it a Celery task that is idempotent (a finished job is never redone), ackn
 (a killed worker's job is delivered again), time-limited, and that keeps the Job row current:
 running → succeeded with the function's result, failed with the error and traceback, or
 cancelled when a researcher cancels it.
+
+While the function runs, a thread beats (``Heartbeat``). A job whose worker stopped beating is
+stalled; ``sweep_stalled()``, run periodically, re-queues it or fails it after
+``JOB_MAX_ATTEMPTS`` attempts, long before the broker's visibility timeout would redeliver it.
+Each delivery claims the job with one conditional UPDATE (``Job.claim``), so the re-queued
+message, a late acks_late redelivery and the original worker never run it at the same time.
 """
 
 import logging
+import threading
 import traceback as tb
 from collections.abc import Callable, Iterable
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import IntegrityError, transaction
+from django.conf import settings
+from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.utils import timezone
 
-from core.models import Job, JobCancelled, JobStep, new_task_id
+from core.models import Job, JobCancelled, JobStep, new_task_id, stalled_after
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +45,19 @@ def job_task(*, kind: str, queue: str = "default", soft_time_limit: int = 3 * 36
     def decorate(fn: Callable[[Job], dict]):
         @shared_task(
             name=f"evalhub.job.{kind}",
+            bind=True,
             acks_late=True,
             reject_on_worker_lost=True,
             soft_time_limit=soft_time_limit,
             time_limit=soft_time_limit + 120,
         )
-        def task(job_id: int) -> None:
-            execute(job_id, fn)
+        def task(self, job_id: int, waited: bool = False) -> None:
+            held_for = execute(job_id, fn)
+            if held_for is not None and not waited:
+                # A live-looking attempt holds the job: a redelivery after a killed pool child,
+                # say. Look once more when its heartbeat would have gone stale; if it still
+                # beats then, that attempt owns the job and this message is spent.
+                raise self.retry(kwargs={"waited": True}, countdown=held_for, queue=queue)
 
         task.job_queue = queue
         task.job_fn = fn
@@ -52,15 +67,21 @@ def job_task(*, kind: str, queue: str = "default", soft_time_limit: int = 3 * 36
     return decorate
 
 
-def execute(job_id: int, fn: Callable[[Job], dict]) -> None:
+def execute(job_id: int, fn: Callable[[Job], dict]) -> float | None:
+    """Run one attempt of the job if this delivery can claim it.
+
+    Returns None when the attempt ran or there was nothing to run (the job is gone or
+    finished); when another attempt holds the job and still beats, the seconds until its
+    heartbeat would count as stalled.
+    """
     job = Job.objects.filter(pk=job_id).first()
-    if job is None or not job.begin_attempt():
-        log.info("job %s is gone or already finished; skipping redelivery", job_id)
-        return
+    if job is None or not job.claim():
+        return _held_for(job)
     try:
-        result = fn(job)
+        with Heartbeat(job):
+            result = fn(job)
     except JobCancelled:
-        log.info("job %s cancelled", job_id)
+        log.info("job %s cancelled or taken over by another attempt", job_id)
     except SoftTimeLimitExceeded:
         job.fail("time limit exceeded", tb.format_exc())
     except JobError as exc:
@@ -69,8 +90,94 @@ def execute(job_id: int, fn: Callable[[Job], dict]) -> None:
         job.fail(f"{type(exc).__name__}: {exc}", tb.format_exc())
         raise
     else:
-        if result is not DEFERRED:
+        if result is DEFERRED:
+            job.detach()
+        else:
             job.succeed(result)
+    return None
+
+
+def _held_for(job: Job | None) -> float | None:
+    if job is None or job.status != Job.RUNNING or job.heartbeat_at is None:
+        log.info("job %s is gone or already finished; skipping redelivery", job and job.pk)
+        return None
+    stale_at = job.heartbeat_at + stalled_after()
+    log.info("job %s is held by attempt %s until %s", job.pk, job.attempts, stale_at)
+    return max((stale_at - timezone.now()).total_seconds(), 0.0) + 1.0
+
+
+class Heartbeat:
+    """Beats for one attempt of a job from a daemon thread while the job's function runs, so a
+    long step with no progress report still shows a live worker. The thread dies with its
+    process, which is what lets the sweep tell a killed worker from a slow one."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"job-{job.pk}-heartbeat")
+        self._thread.daemon = True
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(settings.JOB_HEARTBEAT_SECONDS):
+                try:
+                    if not self.job.beat():
+                        return  # finished, cancelled or taken over: the next report() stops it
+                except DatabaseError as exc:  # one missed beat is not yet a stalled job
+                    log.warning("job %s heartbeat failed: %s", self.job.pk, exc)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+
+def sweep_stalled() -> dict[str, list[int]]:
+    """Re-queue every stalled job, or fail it once it has had JOB_MAX_ATTEMPTS attempts.
+
+    Each change is conditional on the job still being stalled at the same attempt, so a job
+    claimed meanwhile (by a redelivered message) is left alone. Re-queued jobs resume from their
+    ledger (``run_steps``): nothing finished is redone.
+    """
+    swept = {"requeued": [], "failed": []}
+    for job in Job.objects.stalled().only(
+        "kind", "attempts", "heartbeat_at", "queue", "celery_task_id"
+    ):
+        now = timezone.now()
+        silent = int((now - job.heartbeat_at).total_seconds())
+        same = Job.objects.filter(
+            pk=job.pk,
+            status=Job.RUNNING,
+            attempts=job.attempts,
+            heartbeat_at__lt=now - stalled_after(),
+        )
+        task = KINDS.get(job.kind)
+        if task is None or job.attempts >= settings.JOB_MAX_ATTEMPTS:
+            why = "no worker task is registered for its kind" if task is None else "not re-queued"
+            error = (
+                f"stalled: its worker stopped beating {silent} s ago, on attempt {job.attempts} "
+                f"of at most {settings.JOB_MAX_ATTEMPTS}; {why}"
+            )
+            fields = {"status": Job.FAILED, "error": error, "finished_at": now}
+            if same.update(heartbeat_at=None, updated_at=now, **fields):
+                swept["failed"].append(job.pk)
+            continue
+        message = f"re-queued: its worker stopped beating {silent} s ago (attempt {job.attempts})"
+        if same.update(status=Job.QUEUED, heartbeat_at=None, message=message, updated_at=now):
+            transaction.on_commit(
+                lambda job=job, task=task: task.apply_async(
+                    args=[job.pk], task_id=job.celery_task_id or None, queue=job.queue
+                )
+            )
+            swept["requeued"].append(job.pk)
+    if any(swept.values()):
+        log.warning("stalled jobs swept: %s", swept)
+    return swept
 
 
 def run_steps(job: Job, keys: Iterable[str], fn: Callable[[str], object], label: str = "step"):

@@ -13,6 +13,8 @@ from functools import cache
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, models, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from core import rows
@@ -24,9 +26,19 @@ class JobCancelled(Exception):
     """Raised inside a running job when a researcher has cancelled it."""
 
 
+def stalled_after() -> timedelta:
+    """How long a running job's worker may go without a heartbeat before the job is stalled."""
+    return timedelta(seconds=settings.JOB_HEARTBEAT_SECONDS * settings.JOB_STALLED_AFTER_BEATS)
+
+
 class JobQuerySet(models.QuerySet):
     def active(self):
         return self.filter(status__in=Job.ACTIVE)
+
+    def stalled(self):
+        """Running jobs whose worker stopped beating. A running job without any heartbeat (one
+        split into shards, or run in-process by ``manage.py evaluate``) is never stalled."""
+        return self.filter(status=Job.RUNNING, heartbeat_at__lt=timezone.now() - stalled_after())
 
 
 class Job(models.Model):
@@ -58,6 +70,9 @@ class Job(models.Model):
     error = models.TextField(blank=True)
     traceback = models.TextField(blank=True)
     attempts = models.PositiveIntegerField(default=0)  # deliveries to a worker; >1 after a crash
+    # Written by the running attempt's worker every JOB_HEARTBEAT_SECONDS (core.jobs.Heartbeat);
+    # NULL while queued and once a job hands its work to others (shards).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
     queue = models.CharField(max_length=32, default="default")
     celery_task_id = models.CharField(max_length=64, default="", blank=True, db_index=True)
     created_by = models.ForeignKey(
@@ -85,39 +100,72 @@ class Job(models.Model):
     def percent(self) -> int:
         return round(100 * max(0.0, min(1.0, self.progress)))
 
+    @property
+    def is_stalled(self) -> bool:
+        """Running, but its worker has missed JOB_STALLED_AFTER_BEATS heartbeats in a row."""
+        return (
+            self.status == self.RUNNING
+            and self.heartbeat_at is not None
+            and timezone.now() - self.heartbeat_at > stalled_after()
+        )
+
+    @property
+    def heartbeat_age(self) -> int | None:
+        """Whole seconds since the running attempt's last heartbeat, if it keeps one."""
+        if self.heartbeat_at is None:
+            return None
+        return int((timezone.now() - self.heartbeat_at).total_seconds())
+
     def _update(self, **fields) -> int:
         fields["updated_at"] = timezone.now()
         return Job.objects.filter(pk=self.pk).update(**fields)
 
-    def begin_attempt(self) -> bool:
-        """Mark the job running for one more delivery; False if it already finished.
+    def claim(self) -> bool:
+        """Start one more attempt at this job if no live worker holds it; True if this one did.
 
-        A redelivered message (worker killed, broker retry) must not redo a finished job: this
-        is what makes every job task idempotent.
+        One conditional UPDATE, so of two deliveries racing for the job (an acks_late redelivery
+        and the sweep's re-queue, say) exactly one wins: a job is claimable while queued, or while
+        running with a heartbeat older than the stalled window (its worker died). A finished job
+        is never claimed, which makes every job task idempotent. On success ``attempts`` is this
+        attempt's number; every later write of the attempt is conditional on it.
         """
-        with transaction.atomic():
-            job = Job.objects.select_for_update().get(pk=self.pk)
-            if job.status in self.FINISHED:
-                return False
-            job.status = self.RUNNING
-            job.attempts += 1
-            job.started_at = job.started_at or timezone.now()
-            job.save(update_fields=["status", "attempts", "started_at", "updated_at"])
+        now = timezone.now()
+        orphaned = Q(status=self.RUNNING) & (
+            Q(heartbeat_at__isnull=True) | Q(heartbeat_at__lt=now - stalled_after())
+        )
+        claimed = Job.objects.filter(Q(pk=self.pk) & (Q(status=self.QUEUED) | orphaned)).update(
+            status=self.RUNNING,
+            attempts=F("attempts") + 1,
+            heartbeat_at=now,
+            started_at=Coalesce("started_at", now),
+            updated_at=now,
+        )
         self.refresh_from_db()
-        return True
+        return bool(claimed)
+
+    def beat(self) -> bool:
+        """Record that this attempt's worker is alive; False once the attempt no longer holds
+        the job (finished, cancelled, or taken over after it was found stalled)."""
+        now = timezone.now()
+        return bool(self._mine().update(heartbeat_at=now))
+
+    def _mine(self, statuses=(RUNNING,)):
+        """This row while it is in one of ``statuses`` and no later attempt has claimed it."""
+        return Job.objects.filter(pk=self.pk, status__in=statuses, attempts=self.attempts)
 
     def report(self, progress: float | None = None, message: str | None = None) -> None:
-        """Record progress; raises JobCancelled if the job was cancelled meanwhile."""
+        """Record progress (a heartbeat too); raises JobCancelled if the job was cancelled
+        meanwhile or another attempt took it over."""
         fields = {}
         if progress is not None:
             fields["progress"] = max(0.0, min(1.0, float(progress)))
         if message is not None:
             fields["message"] = message[:500]
-        updated = Job.objects.filter(pk=self.pk, status=self.RUNNING).update(
-            updated_at=timezone.now(), **fields
-        )
-        if not updated:
-            raise JobCancelled(f"job {self.pk} is no longer running")
+        now = timezone.now()
+        # A beat only where one is kept: a detached job (shards report) stays without one.
+        beat = Case(When(heartbeat_at__isnull=False, then=Value(now)), default=None)
+        if not self._mine().update(updated_at=now, heartbeat_at=beat, **fields):
+            raise JobCancelled(f"job {self.pk} attempt {self.attempts} no longer holds the job")
         for name, value in fields.items():
             setattr(self, name, value)
 
@@ -133,21 +181,33 @@ class Job(models.Model):
         self.data = {**self.data, **values}
         self._update(data=self.data)
 
-    def succeed(self, result) -> None:
-        self._finish(self.SUCCEEDED, result=result, progress=1.0)
+    def succeed(self, result) -> bool:
+        """Finish with ``result``, unless another attempt has taken the job over."""
+        return self._finish(self._mine(self.ACTIVE), self.SUCCEEDED, result=result, progress=1.0)
 
-    def fail(self, error: str, traceback: str = "") -> None:
-        self._finish(self.FAILED, error=error[:5000], traceback=traceback)
+    def fail(self, error: str, traceback: str = "") -> bool:
+        """Fail with ``error``, unless another attempt has taken the job over."""
+        return self._finish(
+            self._mine(self.ACTIVE), self.FAILED, error=error[:5000], traceback=traceback
+        )
 
     def cancel(self) -> bool:
         """Cancel a queued or running job; True if it was still active."""
-        return self._finish(self.CANCELLED, message="cancelled")
+        active = Job.objects.filter(pk=self.pk, status__in=self.ACTIVE)
+        return self._finish(active, self.CANCELLED, message="cancelled")
 
-    def _finish(self, status: str, **fields) -> bool:
-        updated = Job.objects.filter(pk=self.pk, status__in=self.ACTIVE).update(
-            status=status, finished_at=timezone.now(), updated_at=timezone.now(), **fields
+    def detach(self) -> None:
+        """Hand the job's completion to others (shards): no heartbeat, so it is never stalled."""
+        self._mine().update(heartbeat_at=None, updated_at=timezone.now())
+        self.heartbeat_at = None
+
+    def _finish(self, rows, status: str, **fields) -> bool:
+        now = timezone.now()
+        updated = rows.update(
+            status=status, finished_at=now, updated_at=now, heartbeat_at=None, **fields
         )
-        self.refresh_from_db()
+        if updated:  # else this object stays as its own attempt saw it
+            self.refresh_from_db()
         return bool(updated)
 
 

@@ -69,6 +69,10 @@ MEDIA_URL = "/media/"
 # many bytes of tensors; an entry bigger than the budget still loads, alone. SmolLM2-135M in
 # fp32 is ~0.55 GB, a MiniLM reward model ~0.09 GB.
 MODEL_CACHE_BYTES = env_int("EVALHUB_MODEL_CACHE_BYTES", 4 * 2**30)
+# LoRA adapters served on a loaded base (``models.adapters.AdapterCache``, the model cache's
+# sibling with the same LRU rules): this many bytes of adapter factors per process, so swapping
+# small adapters never evicts a base. A rank-16 fp32 adapter of SmolLM2-135M is ~16 MB.
+ADAPTER_CACHE_BYTES = env_int("EVALHUB_ADAPTER_CACHE_BYTES", 512 * 2**20)
 
 DEBUG = env_bool("DEBUG", False)
 
@@ -232,6 +236,18 @@ CELERY_BROKER_TRANSPORT_OPTIONS = (
     if CELERY_BROKER_URL.startswith(("redis://", "rediss://"))
     else {}
 )
+# A running job's worker writes a heartbeat every JOB_HEARTBEAT_SECONDS; after
+# JOB_STALLED_AFTER_BEATS missed beats the job shows as stalled and the periodic sweep
+# (core.jobs.sweep_stalled) re-queues it, or fails it once it has had JOB_MAX_ATTEMPTS attempts.
+# Recovery takes about interval × (beats + 1), far below the visibility timeout.
+JOB_HEARTBEAT_SECONDS = env_int("EVALHUB_JOB_HEARTBEAT_SECONDS", 15)
+JOB_STALLED_AFTER_BEATS = env_int("EVALHUB_JOB_STALLED_AFTER_BEATS", 3)
+JOB_MAX_ATTEMPTS = env_int("EVALHUB_JOB_MAX_ATTEMPTS", 3)
+if JOB_HEARTBEAT_SECONDS < 1 or JOB_STALLED_AFTER_BEATS < 2 or JOB_MAX_ATTEMPTS < 1:
+    raise ImproperlyConfigured(
+        "EVALHUB_JOB_HEARTBEAT_SECONDS must be ≥ 1, EVALHUB_JOB_STALLED_AFTER_BEATS ≥ 2 "
+        "(one late beat is not a dead worker) and EVALHUB_JOB_MAX_ATTEMPTS ≥ 1"
+    )
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 3 * 3600)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 3 * 3600 + 300)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"

@@ -1,6 +1,6 @@
-"""Platform jobs: the demo job, broker housekeeping, and the model jobs (generation, imports,
-eval runs and their shards, reward training, post-training). Thin wrappers: the work is in the
-modules they import, none of which imports this one back."""
+"""Platform jobs: the demo job, broker housekeeping, the stalled-job sweep, and the model jobs
+(generation, imports, eval runs and their shards, reward training, post-training). Thin
+wrappers: the work is in the modules they import, none of which imports this one back."""
 
 import math
 import time
@@ -10,7 +10,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import transaction
 
-from core.jobs import DEFERRED, JobError, job_task, run_steps
+from core.jobs import DEFERRED, JobError, job_task, run_steps, sweep_stalled
 from core.models import Job, JobCancelled
 
 
@@ -48,6 +48,12 @@ def broker_cleanup() -> int:
         if not sa.inspect(conn).has_table("kombu_message"):
             return 0
         return conn.execute(sa.text("DELETE FROM kombu_message WHERE visible = 0")).rowcount
+
+
+@shared_task(name="evalhub.jobs_sweep", ignore_result=True)
+def jobs_sweep() -> dict[str, list[int]]:
+    """Periodic: re-queue or fail running jobs whose worker stopped beating."""
+    return sweep_stalled()
 
 
 @job_task(kind="generate", queue="models", soft_time_limit=6 * 3600)
@@ -189,3 +195,11 @@ def adapter_recovery(job: Job) -> dict:
     from evalhub.compression import run_recovery
 
     return run_recovery(job)
+
+
+@job_task(kind="adapter.train", queue="models", soft_time_limit=24 * 3600)
+def adapter_train(job: Job) -> dict:
+    """A task adapter by SFT, from a recovery (or other) adapter or fresh on a policy."""
+    from evalhub.compression import run_task_adapter
+
+    return run_task_adapter(job)

@@ -3,6 +3,7 @@
 import json
 import secrets
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.core.management.base import BaseCommand
@@ -22,6 +23,7 @@ from suites.prompts import alpaca_eval_singles, arena_hard_pairs
 PERIODIC = [
     ("broker cleanup", "evalhub.broker_cleanup", 3600),
     ("expire grading leases", "grading.leases_expire", 60),
+    ("sweep stalled jobs", "evalhub.jobs_sweep", settings.JOB_HEARTBEAT_SECONDS),
 ]
 # (name, task, "minute hour"): nightly evaluation of tracked models at 02:00 UTC.
 CRONTABS = [("nightly evaluation", "evalhub.nightly", "0 2")]
@@ -120,8 +122,10 @@ class Command(BaseCommand):
             every, _ = IntervalSchedule.objects.get_or_create(
                 every=seconds, period=IntervalSchedule.SECONDS
             )
+            # A run no worker started before the next one is due is dropped, not queued up
+            # behind long jobs.
             PeriodicTask.objects.get_or_create(
-                name=name, defaults={"task": task, "interval": every}
+                name=name, defaults={"task": task, "interval": every, "expire_seconds": seconds}
             )
         for name, task, when in CRONTABS:
             minute, hour = when.split()
