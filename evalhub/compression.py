@@ -2,7 +2,10 @@
 2024 §5), calibrated on real text, measured against its parent on held-out text, saved as a
 small checkpoint and registered as a model compressed from its parent, with the suites queued
 on it. The maths is in ``models/palettize.py``; this module picks the text, calls it, stores
-the per-layer table and the quality figures the compression page shows.
+the per-layer table and the quality figures the compression page shows. Then the adapters
+AFM puts on a compressed model: ``adapter.recovery`` (distilled from the original) and
+``adapter.train`` (a task adapter by SFT, started from the recovery adapter or fresh), both
+served on their base through ``evalhub.registry.backend_for``.
 
 Text: AlpacaEval's GPT-4 answers in the chat template (real, varied, and none of them an
 evaluation prompt of ours); the first ``calib_seqs`` rows calibrate, rows from the end of
@@ -11,6 +14,7 @@ the file measure, so the two never overlap.
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -277,3 +281,123 @@ def run_recovery(job: Job) -> dict:
     )
     runs = queue_suites(version, suites, p.get("eval_limit"), job)
     return {"model_id": version.pk, "name": name, "quality": quality, "eval_runs": runs}
+
+
+TASK_DEFAULTS = {"rank": 16, "max_len": 512, "batch_size": 4}
+
+
+def run_task_adapter(job: Job) -> dict:
+    """The body of ``adapter.train``: a task adapter fine-tuned by SFT (the post-training
+    jobs' data: campaigns' chosen responses, a JSONL file or a prompt set), starting from an
+    adapter (``model_id`` names one: its weights, rank and base) or fresh on a policy
+    (``model_id`` names one: rank ``rank``, α 2·rank), as AFM starts product adapters from
+    the recovery adapter (arXiv:2407.21075 §5). Saved adapter-only in PEFT's layout at 16
+    bits, registered as an adapter served on its base, with the adapter it started from as
+    its parent."""
+    import torch
+
+    from evalhub.posttrain import Session, _default_lr, _hash, conversations_from, training_params
+    from models.compress import ADAPTER_DTYPE, adapter_bytes
+    from models.lora import apply_lora, load_adapter, save_adapter
+    from models.posttrain.sft import train_sft
+    from models.train import TrainConfig
+
+    p = {**TASK_DEFAULTS, **job.params}
+    init, base = _task_start(p.get("model_id"))
+    hp, suites = training_params({**p, "lora_rank": 0}), suites_param(p)
+    rank = int(p["rank"])
+    if init is None and rank not in (8, 16, 32, 64):
+        raise JobError("'rank' must be 8, 16, 32 or 64")
+    data, source = conversations_from(p)
+    if len(data) < 2:
+        raise JobError(f"only {len(data)} training examples; at least 2 are needed")
+    session = Session(job, base, hp)
+    if init is not None:
+        wrappers = load_adapter(session.model, init.params["adapter"])
+    else:
+        wrappers = apply_lora(session.model, rank, 2.0 * rank, seed=hp["seed"])
+    rank = max(w.rank for w in wrappers)
+    config = TrainConfig(
+        lr=hp["lr"] if hp["lr"] is not None else _default_lr("sft", rank),
+        epochs=hp["epochs"],
+        batch_size=hp["batch_size"],
+        accumulation=hp["accumulation"],
+        max_steps=hp["max_steps"],
+        seed=hp["seed"],
+        checkpoint_every=int(p.get("checkpoint_every", 50)),
+        checkpoint_dir=str(session.work / "state"),
+        device=p.get("device"),
+    )
+    try:
+        result = train_sft(
+            session.model,
+            data,
+            session.tokenizer,
+            config,
+            session.curves.update,
+            max_len=min(hp["max_len"], session.model.cfg.max_seq_len),
+            resume_from=session.resume_from(),
+        )
+    except ValueError as exc:  # e.g. every assistant turn cut away by max_len
+        raise JobError(str(exc)) from exc
+    session.curves.flush()
+    session.model.cpu()
+    with torch.no_grad():
+        for m in wrappers:  # 16-bit adapters, as AFM ships them
+            m.lora_A.copy_(m.lora_A.to(ADAPTER_DTYPE))
+            m.lora_B.copy_(m.lora_B.to(ADAPTER_DTYPE))
+    name = p.get("name") or f"{base.name}-task-r{rank}-job{job.pk}"
+    dst = Path(settings.MEDIA_ROOT) / "adapters" / name
+    save_adapter(session.model, dst, base_model_name_or_path=base.name)
+    info = {
+        "adapter": {
+            "kind": "task",
+            "rank": rank,
+            "bytes_16bit": adapter_bytes(wrappers),
+            "steps": result.step,
+            "base": base.name,
+            "init_from": init.name if init is not None else None,
+            "data": source,
+            "data_hash": _hash(data),
+            "n_examples": len(data),
+            "hyperparameters": {**hp, "lr": config.lr, "rank": rank},
+            "metrics": result.metrics,
+            "job_id": job.pk,
+        },
+        "config": base.info.get("config"),
+    }
+    version = _register_adapter(job, base, init, name, dst, info)
+    runs = queue_suites(version, suites, p.get("eval_limit"), job)
+    shutil.rmtree(session.work, ignore_errors=True)
+    return {"model_id": version.pk, "name": name, "steps": result.step, "eval_runs": runs}
+
+
+def _task_start(model_id) -> tuple[ModelVersion | None, ModelVersion]:
+    """(adapter to start from or None, base policy) for an ``adapter.train`` job's model."""
+    start = ModelVersion.objects.filter(pk=model_id).first()
+    if start is not None and start.kind == ModelVersion.ADAPTER and start.params.get("adapter"):
+        base = start.parent
+        while base is not None and base.kind == ModelVersion.ADAPTER:
+            base = base.parent  # a task adapter trained from a task adapter, and so on
+        if base is not None and base.backend == "builtin" and base.location == start.location:
+            return start, base
+    return None, policy_param({"model_id": model_id}, "model_id")
+
+
+def _register_adapter(job: Job, base, init, name: str, path: Path, info: dict) -> ModelVersion:
+    from evalhub.registry import model_register_child
+
+    started = f", from {init.name}" if init is not None else ""
+    return model_register_child(
+        parent=init or base,
+        name=name,
+        location=base.location,
+        relation=ModelVersion.TRAINED if init is not None else ModelVersion.ADAPTED,
+        info=info,
+        description=f"rank-{info['adapter']['rank']} task adapter of {base.name}{started} "
+        f"(job {job.pk})",
+        user=job.created_by,
+        kind=ModelVersion.ADAPTER,
+        params={"adapter": str(path)},
+        size_bytes=info["adapter"]["bytes_16bit"],
+    )

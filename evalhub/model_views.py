@@ -172,6 +172,59 @@ class RecoveryForm(forms.Form):
     )
 
 
+class TaskAdapterForm(forms.Form):
+    """A task adapter by SFT (``evalhub.compression.run_task_adapter``): started from this
+    adapter (a recovery adapter, as AFM does), or fresh on this policy."""
+
+    campaigns = forms.ModelMultipleChoiceField(
+        queryset=Campaign.objects.filter(kind="side_by_side"),
+        required=False,
+        help_text="side-by-side campaigns: trains on their chosen responses",
+    )
+    jsonl = forms.CharField(
+        required=False,
+        label="or a JSONL file on the server",
+        help_text='{"messages": [...]} per line',
+    )
+    source = forms.ChoiceField(
+        choices=[("", "—"), ("alpaca-eval", "AlpacaEval instructions, GPT-4 answers")],
+        required=False,
+        label="or a prompt set",
+    )
+    limit = forms.IntegerField(min_value=2, max_value=805, initial=256, required=False)
+    rank = forms.TypedChoiceField(
+        choices=[(r, r) for r in (8, 16, 32)],
+        coerce=int,
+        initial=16,
+        help_text="a fresh adapter's; one started from an adapter keeps that adapter's rank",
+    )
+    lr = forms.FloatField(min_value=1e-7, max_value=0.1, initial=2e-4, label="Learning rate")
+    epochs = forms.IntegerField(min_value=1, max_value=100, initial=1)
+    batch_size = forms.IntegerField(min_value=1, max_value=1024, initial=4)
+    max_steps = forms.IntegerField(min_value=1, required=False)
+    name = forms.SlugField(max_length=100, required=False, help_text="default: derived")
+    suites = forms.MultipleChoiceField(
+        choices=[(name, name) for name in sorted(REGISTRY)],
+        initial=["ifeval", "gsm8k", "mmlu"],
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="queued on the adapter",
+    )
+
+    def clean(self):
+        data = super().clean()
+        if not (data.get("campaigns") or data.get("jsonl") or data.get("source")):
+            raise forms.ValidationError("choose a campaign, a JSONL path or a prompt set")
+        return data
+
+    def params(self, model: ModelVersion) -> dict:
+        data = {k: v for k, v in self.cleaned_data.items() if v not in (None, "")}
+        campaigns = data.pop("campaigns", None)
+        if campaigns:
+            data["campaign_ids"] = [c.pk for c in campaigns]
+        return {**data, "suites": self.cleaned_data["suites"], "model_id": model.pk}
+
+
 class TryForm(forms.Form):
     prompt = forms.CharField(widget=forms.Textarea(attrs={"rows": 3}), max_length=20_000)
     max_tokens = forms.IntegerField(min_value=1, max_value=1024, initial=128)
@@ -220,6 +273,7 @@ def _detail_page(
     model: ModelVersion,
     posttrain: PosttrainForm | None = None,
     compress: CompressForm | None = None,
+    task_adapter: TaskAdapterForm | None = None,
     status: int = 200,
 ):
     trainable = model.backend == "builtin" and model.kind == "policy"
@@ -231,6 +285,7 @@ def _detail_page(
         "compress": (compress or CompressForm()) if trainable else None,
         "compression": compression_table(model) if trainable else [],
         "recovery": RecoveryForm() if model.relation == ModelVersion.COMPRESSED else None,
+        "task_adapter": (task_adapter or TaskAdapterForm()) if _adaptable(model) else None,
         "children": model.children.all(),
     }
     return render(request, "evalhub/model_detail.html", context, status=status)
@@ -246,6 +301,26 @@ def model_recover(request, model_id: int):
         return HttpResponseBadRequest(f"invalid recovery request: {form.errors.as_text()}")
     params = {**form.cleaned_data, "model_id": model.pk}
     job = job_submit(kind="adapter.recovery", params=params, user=request.user)
+    return redirect("job_detail", job_id=job.pk)
+
+
+def _adaptable(model: ModelVersion) -> bool:
+    """A task adapter can start here: a builtin policy (fresh) or a builtin adapter."""
+    served = model.kind == ModelVersion.POLICY or bool(model.params.get("adapter"))
+    return model.backend == "builtin" and model.kind != ModelVersion.REWARD and served
+
+
+@require_POST
+@researcher_required
+def model_adapter_train(request, model_id: int):
+    """Train a task adapter from this adapter, or fresh on this policy."""
+    model = get_object_or_404(ModelVersion, pk=model_id)
+    if not _adaptable(model):
+        return HttpResponseBadRequest("task adapters start from a builtin policy or adapter")
+    form = TaskAdapterForm(request.POST)
+    if not form.is_valid():
+        return _detail_page(request, model, task_adapter=form, status=400)
+    job = job_submit(kind="adapter.train", params=form.params(model), user=request.user)
     return redirect("job_detail", job_id=job.pk)
 
 

@@ -84,9 +84,10 @@ def suites_param(params: dict) -> list[str]:
 
 
 def conversations_from(params: dict) -> tuple[list[list[dict]], dict]:
-    """SFT demonstrations: conversations from a JSONL file ({"messages": [...]} per line) or
-    the chosen responses of side-by-side campaigns (ties left out), and a description of the
-    source for the lineage."""
+    """SFT demonstrations: conversations from a JSONL file ({"messages": [...]} per line), the
+    chosen responses of side-by-side campaigns (ties left out) or the prompt set "alpaca-eval"
+    with its GPT-4 answers (the first ``limit``), and a description of the source for the
+    lineage."""
     from models.posttrain.sft import load_conversations_jsonl
 
     if params.get("jsonl"):
@@ -106,7 +107,21 @@ def conversations_from(params: dict) -> tuple[list[list[dict]], dict]:
             )
         source = {"campaign_ids": params["campaign_ids"], "labels_hash": labels_hash(prefs)}
         return conversations, source
-    raise JobError("give 'campaign_ids' (side-by-side campaigns) or a 'jsonl' path")
+    if params.get("source") == "alpaca-eval":
+        from suites.prompts import alpaca_eval_singles
+
+        limit = int(params.get("limit") or 256)
+        conversations = [
+            [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["response"]},
+            ]
+            for r in alpaca_eval_singles(limit)
+        ]
+        return conversations, {"source": "alpaca-eval", "limit": limit}
+    raise JobError(
+        "give 'campaign_ids' (side-by-side campaigns), a 'jsonl' path or 'source': 'alpaca-eval'"
+    )
 
 
 def preferences_from(params: dict) -> tuple[list, dict]:

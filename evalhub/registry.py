@@ -1,5 +1,6 @@
 """The model registry's writes and the process's one cache of loaded models (``LOADED``:
-generation backends here, reward models in ``evalhub/rewards.py``).
+generation backends here, reward models in ``evalhub/rewards.py``), with its sibling for
+LoRA adapters served on those models (``ADAPTERS``).
 
 Views, tasks and commands call these; the model code itself lives in ``models/``.
 """
@@ -11,11 +12,13 @@ from django.conf import settings
 from django.db import transaction
 
 from evalhub.models import ModelVersion
+from models.adapters import AdapterCache
 from models.backends import Backend, load_backend
 from models.cache import ModelCache
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 LOADED = ModelCache(settings.MODEL_CACHE_BYTES)
+ADAPTERS = AdapterCache(settings.ADAPTER_CACHE_BYTES)
 
 
 def smollm2_gguf() -> Path | None:
@@ -117,6 +120,16 @@ def model_register_child(
 
 
 def backend_for(model: ModelVersion) -> Backend:
-    """A loaded backend for a registered model, from the process's model cache."""
-    key = ("backend", model.pk, model.backend, model.location, repr(sorted(model.params.items())))
-    return LOADED.get(key, lambda: load_backend(model.backend, model.location, **model.params))
+    """A loaded backend for a registered model, from the process's model cache. A builtin
+    model with an ``adapter`` parameter (kind adapter) is a view over its base's backend,
+    the adapter taken from ``ADAPTERS`` per call: every adapter of one base, and the base
+    itself, share one loaded copy of it."""
+    params = dict(model.params)
+    builtin = model.backend == "builtin"
+    adapter = params.pop("adapter", None) if builtin else None
+    extra = {"adapter_cache": ADAPTERS} if builtin else {}
+    key = ("backend", model.backend, model.location, repr(sorted(params.items())))
+    backend = LOADED.get(
+        key, lambda: load_backend(model.backend, model.location, **params, **extra)
+    )
+    return backend.with_adapter(adapter) if adapter else backend  # type: ignore[attr-defined]

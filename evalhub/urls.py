@@ -20,6 +20,11 @@ urlpatterns = [
     path("models/<int:model_id>/posttrain/", model_views.model_posttrain, name="model_posttrain"),
     path("models/<int:model_id>/compress/", model_views.model_compress, name="model_compress"),
     path("models/<int:model_id>/recover/", model_views.model_recover, name="model_recover"),
+    path(
+        "models/<int:model_id>/adapter/",
+        model_views.model_adapter_train,
+        name="model_adapter_train",
+    ),
     path("models/<int:model_id>/try/", model_views.model_try, name="model_try"),
     path("models/<int:model_id>/track/", run_views.model_track, name="model_track"),
     path("itec/", itec_views.itec_page, name="itec"),
