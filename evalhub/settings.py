@@ -73,10 +73,6 @@ MODEL_CACHE_BYTES = env_int("EVALHUB_MODEL_CACHE_BYTES", 4 * 2**30)
 # sibling with the same LRU rules): this many bytes of adapter factors per process, so swapping
 # small adapters never evicts a base. A rank-16 fp32 adapter of SmolLM2-135M is ~16 MB.
 ADAPTER_CACHE_BYTES = env_int("EVALHUB_ADAPTER_CACHE_BYTES", 512 * 2**20)
-# LoRA adapters served on a loaded base (``models.adapters.AdapterCache``, the model cache's
-# sibling with the same LRU rules): this many bytes of adapter factors per process, so swapping
-# small adapters never evicts a base. A rank-16 fp32 adapter of SmolLM2-135M is ~16 MB.
-ADAPTER_CACHE_BYTES = env_int("EVALHUB_ADAPTER_CACHE_BYTES", 512 * 2**20)
 
 DEBUG = env_bool("DEBUG", False)
 

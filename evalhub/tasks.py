@@ -203,11 +203,3 @@ def adapter_train(job: Job) -> dict:
     from evalhub.compression import run_task_adapter
 
     return run_task_adapter(job)
-
-
-@job_task(kind="adapter.train", queue="models", soft_time_limit=24 * 3600)
-def adapter_train(job: Job) -> dict:
-    """A task adapter by SFT, from a recovery (or other) adapter or fresh on a policy."""
-    from evalhub.compression import run_task_adapter
-
-    return run_task_adapter(job)
