@@ -225,6 +225,33 @@ def test_a_generation_job_serves_two_adapters_and_their_base_from_one_copy(base,
     assert sum(1 for key in LOADED.keys() if key[0] == "backend") == 1
 
 
+def test_manage_py_trains_a_task_adapter_from_an_adapter(base, campaign):  # noqa: F811
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    first = _run("adapter.train", {"model_id": base.pk, "campaign_ids": [campaign.pk], **TRAIN})
+    assert first.status == "succeeded", first.error
+    out = StringIO()
+    call_command(
+        "posttrain",
+        f"--model={first.result['name']}",
+        "--algorithm=adapter",
+        "--source=alpaca-eval",
+        "--limit=6",
+        "--max-steps=2",
+        "--batch-size=2",
+        "--lora-rank=8",  # ignored: a started adapter keeps its rank (16, the default)
+        "--suites=",
+        "--name=tiny-cli-task",
+        stdout=out,
+    )
+    task = ModelVersion.objects.get(name="tiny-cli-task")
+    assert "registered tiny-cli-task" in out.getvalue()
+    assert task.parent_id == first.result["model_id"] and task.kind == "adapter"
+    assert task.info["adapter"]["rank"] == 16 and task.info["adapter"]["data"]["limit"] == 6
+
+
 def test_the_model_page_starts_a_task_adapter_job(base, campaign, login, carol):  # noqa: F811
     client = login(carol)
     page = client.get(reverse("model_detail", args=[base.pk])).content.decode()

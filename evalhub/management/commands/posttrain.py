@@ -1,6 +1,8 @@
-"""Post-train a registered model from the command line: SFT, DPO or IPO, in this process (with a
-progress bar) or queued for the workers (``--submit``). Stored like any job: the job page shows
-its curves and the result is registered with lineage."""
+"""Post-train a registered model from the command line: SFT, DPO or IPO, online RL, or a task
+adapter (``--algorithm adapter``: SFT of a LoRA adapter, fresh on a policy or from the adapter
+``--model`` names), in this process (with a progress bar) or queued for the workers
+(``--submit``). Stored like any job: the job page shows its curves and the result is
+registered with lineage."""
 
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
@@ -14,26 +16,31 @@ RL = ("mdloo", "rloo_clip", "reinforce")
 
 class Command(BaseCommand):
     help = (
-        "SFT, DPO or IPO (from campaigns or a JSONL file) or online RL (MDLOO and its "
-        "baselines, on constrained prompts) on a registered model."
+        "SFT, DPO or IPO (from campaigns or a JSONL file), online RL (MDLOO and its "
+        "baselines, on constrained prompts) or a task adapter on a registered model."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("--model", required=True, help="registered model name")
-        parser.add_argument("--algorithm", required=True, choices=RL + ("sft", "dpo", "ipo"))
+        parser.add_argument(
+            "--algorithm", required=True, choices=RL + ("sft", "dpo", "ipo", "adapter")
+        )
         parser.add_argument("--campaign", type=int, action="append", dest="campaign_ids")
         parser.add_argument("--jsonl", help="conversations (SFT) or preference pairs (DPO/IPO)")
+        parser.add_argument("--source", choices=["alpaca-eval"], help="SFT/adapter: prompt set")
         parser.add_argument("--name", help="name of the result (default: derived)")
         parser.add_argument("--lr", type=float)
         parser.add_argument("--epochs", type=int, default=1)
         parser.add_argument("--batch-size", type=int, default=8)
         parser.add_argument("--max-steps", type=int)
-        parser.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tune")
+        parser.add_argument(
+            "--lora-rank", type=int, default=0, help="0: full fine-tune; adapter: its rank"
+        )
         parser.add_argument("--beta", type=float, default=0.1)
         parser.add_argument("--hard-labels", action="store_true", help="DPO/IPO baseline")
         parser.add_argument("--iterations", type=int, help="RL: outer iterations")
         parser.add_argument("--k", type=int, help="RL: samples per prompt")
-        parser.add_argument("--limit", type=int, help="RL: constrained training prompts")
+        parser.add_argument("--limit", type=int, help="RL prompts; prompt set rows (--source)")
         parser.add_argument("--max-new-tokens", type=int, help="RL: response length cap")
         parser.add_argument("--reward-model", type=int, help="RL: a reward model's id")
         parser.add_argument("--suites", default="ifeval,gsm8k,mmlu", help="'' for none")
@@ -50,15 +57,16 @@ class Command(BaseCommand):
             "level_aware": not o["hard_labels"],
             **{
                 k: o[k]
-                for k in ("campaign_ids", "jsonl", "name", "lr", "epochs", "batch_size")
+                for k in ("campaign_ids", "jsonl", "source", "name", "lr", "epochs", "batch_size")
                 + ("max_steps", "lora_rank", "beta", "eval_limit")
                 + ("iterations", "k", "limit", "reward_model", "max_new_tokens")
                 if o[k] is not None
             },
         }
-        kind = {"sft": "posttrain.sft", "dpo": "posttrain.dpo", "ipo": "posttrain.dpo"}.get(
-            algorithm, "posttrain.rl"
-        )
+        kinds = {"sft": "posttrain.sft", "dpo": "posttrain.dpo", "ipo": "posttrain.dpo"}
+        kind = {**kinds, "adapter": "adapter.train"}.get(algorithm, "posttrain.rl")
+        if kind == "adapter.train" and params.pop("lora_rank", 0):
+            params["rank"] = o["lora_rank"]
         if kind == "posttrain.dpo":
             params["loss"] = algorithm
         elif kind == "posttrain.rl":
