@@ -101,6 +101,14 @@ def start_worker(tmp_path: Path, name: str, **env) -> Proc:
     return proc
 
 
+def start_beat(tmp_path: Path, **env) -> Proc:
+    """Celery beat on the database schedule (the periodic tasks the test has created)."""
+    args = [sys.executable, *BEAT_ARGS]
+    proc = Proc(args, service_env(**env), tmp_path / "beat.log")
+    wait_for(lambda: "Starting..." in proc.output(), 60, "beat to start", proc)
+    return proc
+
+
 def start_gunicorn(tmp_path: Path, **env) -> tuple[Proc, str]:
     port = free_port()
     args = [sys.executable, *(a.format(bind=f"127.0.0.1:{port}") for a in WEB_ARGS)]

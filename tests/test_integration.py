@@ -10,10 +10,22 @@ import time
 
 import httpx
 import pytest
+from django.urls import reverse
+from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
-from core.models import ApiToken, Job, JobStep
+from core.jobs import KINDS
+from core.models import ApiToken, Job, JobStep, new_task_id
+from evalhub.celery import app
 from evalhub.tasks import count_primes
-from tests.services import ROOT, flush_redis, redis_url, start_gunicorn, start_worker, wait_for
+from tests.services import (
+    ROOT,
+    flush_redis,
+    redis_url,
+    start_beat,
+    start_gunicorn,
+    start_worker,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -25,7 +37,8 @@ def services(tmp_path):
     procs = []
 
     def start(kind, *args, **kwargs):
-        started = (start_worker if kind == "worker" else start_gunicorn)(tmp_path, *args, **kwargs)
+        starter = {"worker": start_worker, "beat": start_beat, "gunicorn": start_gunicorn}[kind]
+        started = starter(tmp_path, *args, **kwargs)
         procs.append(started[0] if isinstance(started, tuple) else started)
         return started
 
@@ -87,6 +100,58 @@ def test_a_job_survives_kill_9_of_its_worker_and_completes_exactly_once(services
     steps_done = list(JobStep.objects.filter(job_id=job_id).values_list("key", "attempt"))
     assert job.status == "succeeded" and job.attempts == 2
     assert sorted(int(key) for key, _ in steps_done) == list(range(steps))  # each once, none lost
+    assert sum(attempt == 1 for _, attempt in steps_done) == done_before  # not redone
+    assert job.result == {"primes": count_primes(0, steps * 2000), "below": steps * 2000}
+
+
+def test_a_killed_workers_job_is_shown_stalled_then_completed_by_another_worker(
+    services, login, carol, settings
+):
+    """The heartbeat, not the broker: Redis's visibility timeout stays at its 4 h default."""
+    beat = {"EVALHUB_JOB_HEARTBEAT_SECONDS": 1, "EVALHUB_JOB_STALLED_AFTER_BEATS": 3}
+    settings.JOB_HEARTBEAT_SECONDS, settings.JOB_STALLED_AFTER_BEATS = 1, 3  # the pages here
+    window = 3
+    every, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(
+        name="sweep stalled jobs", task="evalhub.jobs_sweep", interval=every, expire_seconds=1
+    )
+    page = login(carol)
+    assert page.get(reverse("job_list")).status_code == 200  # warm: views imported before the clock
+    first = services("worker", "doomed", **beat)
+    steps = 12
+    job = Job.objects.create(
+        kind="demo",
+        params={"steps": steps, "chunk": 2000, "delay": 0.4},
+        celery_task_id=new_task_id(),
+    )
+    with app.connection_for_write(redis_url()) as broker:  # the workers' broker, whatever ours is
+        KINDS["demo"].apply_async(args=[job.pk], task_id=job.celery_task_id, connection=broker)
+
+    def shown_stalled() -> bool:
+        return "badge stalled" in page.get(reverse("job_detail", args=[job.pk])).content.decode()
+
+    wait_for(lambda: JobStep.objects.filter(job=job).count() >= 3, 60, "some finished steps")
+    assert not shown_stalled()  # a live worker's job is not stalled
+    first.kill(signal.SIGKILL)
+    killed = time.monotonic()
+    done_before = JobStep.objects.filter(job=job).count()
+    wait_for(shown_stalled, window + 10, "the job page to show the job stalled")
+    assert time.monotonic() - killed <= window + 3  # the last beat came at most 1 s before
+    assert Job.objects.get(pk=job.pk).status == "running" and not JobStep.objects.filter(
+        job=job, attempt=2
+    )
+
+    services("worker", "rescuer", **beat)
+    services("beat", **beat)  # the sweep, every second
+    resumed = JobStep.objects.filter(job=job, attempt=2)
+    wait_for(resumed.exists, 2 * window, "the sweep to re-queue it and another worker to resume")
+    wait_for(lambda: Job.objects.get(pk=job.pk).status == "succeeded", 60, "the job to finish")
+    time.sleep(2 * window)  # further sweeps and any late delivery must change nothing
+
+    job.refresh_from_db()
+    steps_done = list(JobStep.objects.filter(job=job).values_list("key", "attempt"))
+    assert job.status == "succeeded" and job.attempts == 2
+    assert sorted(int(key) for key, _ in steps_done) == list(range(steps))  # each once
     assert sum(attempt == 1 for _, attempt in steps_done) == done_before  # not redone
     assert job.result == {"primes": count_primes(0, steps * 2000), "below": steps * 2000}
 
