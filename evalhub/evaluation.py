@@ -7,6 +7,7 @@ module; this module never imports it."""
 import platform
 
 from django.db import transaction
+from django.utils import timezone
 
 from core.jobs import JobError, job_submit
 from core.models import Job, JobStep
@@ -102,6 +103,31 @@ def run_sample(run: EvalRun, suite) -> list:
         run.planned, run.suite_size = len(chosen), len(pool)
         run.save(update_fields=["planned", "suite_size"])
     return chosen
+
+
+def run_progress(run: EvalRun) -> dict:
+    """What the run page shows while it works: samples scored of its total, the job's status
+    and, once its job runs and has scored something, a rate and an ETA. ``active`` says the
+    page should keep polling. The rate counts samples over the job's latest start, so after a
+    resume it is an overestimate until the resumed samples are few beside the new ones."""
+    job = run.job
+    done = run.samples.count()
+    total = run.total
+    out = {
+        "status": job.status if job else ("finished" if run.metrics is not None else "no job"),
+        "active": bool(job and job.is_active),
+        "done": done,
+        "total": total,
+        "percent": min(100, round(100 * done / total)) if total else 0,
+        "per_minute": None,
+        "eta_seconds": None,
+    }
+    if job and job.status == Job.RUNNING and job.started_at and done:
+        elapsed = max((timezone.now() - job.started_at).total_seconds(), 1e-3)
+        out["per_minute"] = 60 * done / elapsed
+        if total:
+            out["eta_seconds"] = max(total - done, 0) * elapsed / done
+    return out
 
 
 def _aggregate(run: EvalRun, suite, meta: dict, backend) -> dict:

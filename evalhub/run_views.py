@@ -9,7 +9,7 @@ from django.views.decorators.http import require_POST
 
 from core.access import api_role_required, researcher_required
 from evalhub import leaderboard as board
-from evalhub.evaluation import compare_runs, eval_submit
+from evalhub.evaluation import compare_runs, eval_submit, run_progress
 from evalhub.models import EvalRun, ModelVersion
 from suites import REGISTRY
 
@@ -17,7 +17,13 @@ from suites import REGISTRY
 class RunForm(forms.Form):
     model = forms.ModelChoiceField(queryset=ModelVersion.objects.filter(kind="policy"))
     suite = forms.ChoiceField(choices=[(s, s) for s in sorted(REGISTRY)])
-    limit = forms.IntegerField(min_value=1, required=False)
+    limit = forms.IntegerField(
+        min_value=1,
+        required=False,
+        help_text="score a seeded sample of this many, stratified by subject/category; "
+        "the score is marked partial. Empty: the whole suite",
+    )
+    seed = forms.IntegerField(min_value=0, initial=0, help_text="seed of the limited sample")
     batch_size = forms.IntegerField(min_value=1, max_value=256, initial=8)
     shards = forms.IntegerField(
         min_value=1, max_value=64, initial=1, help_text="split across this many workers"
@@ -26,16 +32,16 @@ class RunForm(forms.Form):
 
 @researcher_required
 def leaderboard(request):
+    data = board.leaderboard(complete_only=request.GET.get("partial") != "1")
     return render(
-        request,
-        "evalhub/leaderboard.html",
-        {"board": board.leaderboard(), "flags": board.regression_flags()},
+        request, "evalhub/leaderboard.html", {"board": data, "flags": board.regression_flags()}
     )
 
 
 @api_role_required("researcher")
 def leaderboard_json(request):
-    return JsonResponse(board.leaderboard())
+    """Complete runs only unless ``?partial=1``; every score says whether it is complete."""
+    return JsonResponse(board.leaderboard(complete_only=request.GET.get("partial") != "1"))
 
 
 @api_role_required("researcher")
@@ -52,18 +58,29 @@ def run_list(request):
             model=data["model"],
             suite=data["suite"],
             limit=data["limit"],
+            seed=data["seed"] or 0,
             batch_size=data["batch_size"],
             shards=data["shards"],
             user=request.user,
         )
         return redirect("run_detail", run_id=run.pk)
-    runs = EvalRun.objects.select_related("model", "job")[:100]
-    return render(request, "evalhub/run_list.html", {"runs": runs, "form": form})
+    runs = EvalRun.objects.select_related("model", "job").defer("manifest")
+    if request.GET.get("complete") == "1":
+        runs = runs.filter(complete=True)
+    context = {"runs": runs[:100], "form": form, "complete_only": request.GET.get("complete")}
+    return render(request, "evalhub/run_list.html", context)
 
 
 @researcher_required
 def run_detail(request, run_id: int):
+    """The run page; htmx polls it for the live part (status, progress, metrics, samples)
+    while the run's job is queued or running."""
     run = get_object_or_404(EvalRun.objects.select_related("model", "job"), pk=run_id)
+    template = "evalhub/_run_live.html" if request.htmx else "evalhub/run_detail.html"
+    return render(request, template, _run_context(request, run))
+
+
+def _run_context(request, run: EvalRun) -> dict:
     suite = REGISTRY.get(run.suite)
     detail_filter = suite.detail_filter if suite else None
     samples = run.samples.all()
@@ -75,7 +92,6 @@ def run_detail(request, run_id: int):
         samples = samples.filter(
             **{f"details__{detail_filter.key}__contains": [request.GET["detail"]]}
         )
-    page = Paginator(samples, 25).get_page(request.GET.get("page"))
     categories = (
         run.samples.exclude(category="")
         .values_list("category", flat=True)
@@ -83,18 +99,15 @@ def run_detail(request, run_id: int):
         .order_by("category")
     )
     others = EvalRun.objects.filter(suite=run.suite, metrics__isnull=False).exclude(pk=run.pk)
-    return render(
-        request,
-        "evalhub/run_detail.html",
-        {
-            "run": run,
-            "page": page,
-            "categories": categories,
-            "others": others[:50],
-            "detail_filter": detail_filter,
-            "headline": suite.headline if suite else "",
-        },
-    )
+    return {
+        "run": run,
+        "live": run_progress(run),
+        "page": Paginator(samples, 25).get_page(request.GET.get("page")),
+        "categories": categories,
+        "others": others.select_related("model")[:50],
+        "detail_filter": detail_filter,
+        "headline": suite.headline if suite else "",
+    }
 
 
 @researcher_required
@@ -130,8 +143,7 @@ def model_track(request, model_id: int):
 @api_role_required("researcher")
 def reward_score(request, name: str):
     """POST {"prompt": str, "responses": [str, ...]} → {"scores": [...], "best": index}."""
-    import json
-
+    from core.payload import PayloadError, request_json
     from evalhub.rewards import reward_model_for
 
     if request.method != "POST":
@@ -140,7 +152,7 @@ def reward_score(request, name: str):
     if version is None:
         return JsonResponse({"error": f"no reward model named {name!r}"}, status=404)
     try:
-        body = json.loads(request.body or b"{}")
+        body = request_json(request)
         prompt, responses = body["prompt"], body["responses"]
         if not (
             isinstance(prompt, str)
@@ -149,6 +161,8 @@ def reward_score(request, name: str):
             and all(isinstance(r, str) for r in responses)
         ):
             raise ValueError("'prompt' must be text and 'responses' a non-empty list of text")
+    except PayloadError as exc:
+        return JsonResponse({"error": f"malformed request: {exc}"}, status=exc.status)
     except (ValueError, KeyError, TypeError) as exc:
         return JsonResponse({"error": f"malformed request: {exc}"}, status=400)
     scores = reward_model_for(version).score([prompt] * len(responses), responses)

@@ -19,15 +19,53 @@ def get(mapping, key):
 
 
 @register.filter
+def headline(run) -> dict:
+    """A run's headline score as ``leaderboard.headline_score`` gives it (no queries)."""
+    from evalhub.leaderboard import headline_score
+
+    return headline_score(run) if run.metrics is not None else {}
+
+
+@register.filter
+def duration(seconds) -> str:
+    """Seconds as "2 h 05 min", "3 min 20 s" or "45 s"; an em dash when unknown."""
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return "—"
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+@register.simple_tag
+def home_dashboard() -> dict:
+    """The researcher home page's panels (``evalhub.dashboard``)."""
+    from evalhub.dashboard import dashboard
+
+    return dashboard()
+
+
+@register.filter
 def pretty_json(value) -> str:
     import json
 
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
 
 
+def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values from at or below lo to at or above hi, about `count` steps of 1, 2 or
+    5 times a power of ten."""
+    raw = ((hi - lo) or 1.0) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    return [round(k * step, 10) for k in range(first, max(last, first + 1) + 1)]
+
+
 @register.simple_tag
 def interval_plot(rows, width: int = 640):
-    """An SVG of preference ratings with their 95% intervals, best first."""
+    """An SVG of preference ratings with their 95% intervals, best first, over an axis with
+    ticks; each row labelled with its model and vote count."""
     from django.utils.html import format_html, format_html_join
 
     rated = [r for r in rows if r.get("rating")]
@@ -35,24 +73,42 @@ def interval_plot(rows, width: int = 640):
         return ""
     lo = min(r["rating"]["ci_low"] for r in rated)
     hi = max(r["rating"]["ci_high"] for r in rated)
-    span = (hi - lo) or 1.0
-    x = lambda v: 160 + (width - 180) * (v - lo) / span  # noqa: E731
+    ticks = nice_ticks(lo, hi)
+    lo, hi = ticks[0], ticks[-1]
+    span = hi - lo
+    x = lambda v: 200 + (width - 230) * (v - lo) / span  # noqa: E731
     parts = []
     for i, r in enumerate(rated):
         y, g = 20 + 24 * i, r["rating"]
-        parts.append((y + 4, r["model"], x(g["ci_low"]), y, x(g["ci_high"]), y, x(g["rating"]), y))
+        label = f"{r['model']} ({r.get('votes', 0)} votes)"
+        parts.append((y + 4, label, x(g["ci_low"]), y, x(g["ci_high"]), y, x(g["rating"]), y))
     body = format_html_join(
         "",
         '<text x="4" y="{}" font-size="12">{}</text><line x1="{}" y1="{}" x2="{}" y2="{}" '
         'stroke="#2f6fed" stroke-width="2"/><circle cx="{}" cy="{}" r="4" fill="#2f6fed"/>',
         parts,
     )
+    axis_y = 20 + 24 * len(rated)
+    axis = format_html_join(
+        "",
+        '<line class="tick" x1="{0}" y1="{1}" x2="{0}" y2="{2}" stroke="#999"/>'
+        '<text x="{0}" y="{3}" font-size="11" text-anchor="middle">{4}</text>',
+        [(f"{x(t):.1f}", axis_y, axis_y + 5, axis_y + 18, f"{t:g}") for t in ticks],
+    )
     return format_html(
-        '<svg class="plot" width="{}" height="{}" role="img" '
-        'aria-label="preference ratings">{}</svg>',
+        '<svg class="plot" width="{}" height="{}" role="img" aria-label="preference ratings">'
+        '{}<line class="axis" x1="200" y1="{}" x2="{}" y2="{}" stroke="#999"/>{}'
+        '<text x="{}" y="{}" font-size="11" text-anchor="end">Bradley-Terry rating '
+        "(Elo scale), 95% interval</text></svg>",
         width,
-        30 + 24 * len(rated),
+        axis_y + 40,
         body,
+        axis_y,
+        width - 30,
+        axis_y,
+        axis,
+        width - 30,
+        axis_y + 34,
     )
 
 

@@ -74,6 +74,7 @@ def _synthetic_run(model, values, **kw):
         suite="gsm8k",
         **kw,
         metrics={"n": len(values), "strict_match": summarize(values)},
+        complete=True,
     )
     EvalSample.objects.bulk_create(
         [
