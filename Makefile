@@ -12,7 +12,11 @@ TEST_ENV := DATABASE_URL=$${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:543
 	CELERY_BROKER_URL=$${TEST_REDIS_URL:-redis://127.0.0.1:6379/15} \
 	EVALHUB_VAR_DIR=$(CURDIR)/var/test EVALHUB_HTTPS=false EVALHUB_MANIFEST_STATIC=false
 
-.PHONY: run test test-fast lint install
+# The browser tests drive Debian's Chromium at this path (tests/conftest.py).
+CHROMIUM ?= /usr/bin/chromium
+APT_GET ?= apt-get
+
+.PHONY: run test test-fast lint install chromium
 
 install: $(STAMP)
 
@@ -35,9 +39,25 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint
+test: lint chromium
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
+# Find Chromium, or install Debian's package as .ci/run does (as root, or through passwordless
+# sudo); stop with what to do when neither works.
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  echo "Chromium is missing at $(CHROMIUM): installing Debian's chromium package" >&2; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  { $$SUDO $(APT_GET) update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq chromium >/dev/null; \
+	  } && test -x $(CHROMIUM); \
+	} || { \
+	  echo "make test needs Chromium at $(CHROMIUM) for the browser tests, and installing it" \
+	    "failed. Install it yourself (Debian/Ubuntu: sudo apt-get install chromium), then run" \
+	    "make test again." >&2; \
+	  exit 1; \
+	}
+
 # The edit-run loop: no lint, no tests marked slow (model training).
-test-fast: $(STAMP)
+test-fast: $(STAMP) chromium
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
