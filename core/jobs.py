@@ -76,7 +76,7 @@ def execute(job_id: int, fn: Callable[[Job], dict]) -> float | None:
     """
     job = Job.objects.filter(pk=job_id).first()
     if job is None or not job.claim():
-        return _held_for(job)
+        return _held_for(job_id, job)
     try:
         with Heartbeat(job):
             result = fn(job)
@@ -97,9 +97,11 @@ def execute(job_id: int, fn: Callable[[Job], dict]) -> float | None:
     return None
 
 
-def _held_for(job: Job | None) -> float | None:
+def _held_for(job_id: int, job: Job | None) -> float | None:
+    """Seconds until the attempt holding an unclaimable job would count as stalled, or None
+    when the job is gone or finished."""
     if job is None or job.status != Job.RUNNING or job.heartbeat_at is None:
-        log.info("job %s is gone or already finished; skipping redelivery", job and job.pk)
+        log.info("job %s is gone or already finished; skipping redelivery", job_id)
         return None
     stale_at = job.heartbeat_at + stalled_after()
     log.info("job %s is held by attempt %s until %s", job.pk, job.attempts, stale_at)
