@@ -15,6 +15,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from core.access import RESEARCHER, has_role
 from core.models import ApiToken
+from core.payload import PayloadError, request_json
 from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
 from models.backends import BackendError, GenerationArgs
@@ -56,13 +57,12 @@ def openai_endpoint(view):
             )
         if not has_role(user, RESEARCHER):
             return _error("this token's user may not use models", 403, "permission_error")
+        body: dict = {}
         try:
-            body = json.loads(request.body or b"{}") if request.method == "POST" else {}
-            if not isinstance(body, dict):
-                raise BadRequest("the body must be a JSON object")
+            body = request_json(request) if request.method == "POST" else {}
             return view(request, body, *args, **kwargs)
-        except json.JSONDecodeError as exc:
-            return _error(f"malformed JSON: {exc.msg}", 400)
+        except PayloadError as exc:
+            return _error(str(exc), exc.status)
         except BadRequest as exc:
             return _error(str(exc), 400)
         except ModelVersion.DoesNotExist:
@@ -87,25 +87,39 @@ def list_models(request, body):
     return JsonResponse({"object": "list", "data": data})
 
 
+def _number(body: dict, name: str, default, *, lo, hi, whole: bool = False):
+    """A numeric sampling parameter: a JSON number (never a boolean) within [lo, hi]."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"'{name}' must be a number")
+    if whole and not (isinstance(value, int) or value.is_integer()):
+        raise BadRequest(f"'{name}' must be a whole number")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"at least {lo}" if hi is None else f"between {lo} and {hi}"
+        raise BadRequest(f"'{name}' must be {bounds}, not {value}")
+    return int(value) if whole else float(value)
+
+
 def _args(body: dict) -> GenerationArgs:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _number(body, name, 256, whole=True, lo=0, hi=None)
+    if max_tokens > MAX_TOKENS_LIMIT:
+        raise BadRequest(f"max_tokens may be at most {MAX_TOKENS_LIMIT}")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise BadRequest("'stop' must be a string or a list of strings")
     if body.get("n", 1) != 1:
         raise BadRequest("only n=1 is supported")
-    try:
-        args = GenerationArgs(
-            max_new_tokens=int(max_tokens),
-            temperature=float(body.get("temperature", 1.0)),
-            top_p=float(body.get("top_p", 1.0)),
-            stop=stop,
-            seed=int(body.get("seed") or 0),
-        )
-    except (TypeError, ValueError) as exc:
-        raise BadRequest(f"invalid sampling parameters: {exc}") from None
-    if args.max_new_tokens > MAX_TOKENS_LIMIT:
-        raise BadRequest(f"max_tokens may be at most {MAX_TOKENS_LIMIT}")
-    return args
+    return GenerationArgs(
+        max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, lo=0, hi=2),
+        top_p=_number(body, "top_p", 1.0, lo=0, hi=1),
+        stop=tuple(stop),
+        seed=_number(body, "seed", 0, whole=True, lo=-(2**63), hi=2**63 - 1),
+    )
 
 
 def _model(body: dict) -> ModelVersion:

@@ -1,10 +1,12 @@
 from django.contrib import admin
 
+from grading.forms import CampaignForm
 from grading.models import Assignment, Campaign, Item, Label, Response
 
 
 @admin.register(Campaign)
 class CampaignAdmin(admin.ModelAdmin):
+    form = CampaignForm  # the same checks of aspects and thresholds as the campaign page
     list_display = (
         "name",
         "kind",

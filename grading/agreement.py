@@ -262,6 +262,46 @@ class Thresholds:
     min_median_seconds: float = 3.0  # too fast to have read both answers
     min_labels_for_flags: int = 10  # fewer labels say too little to flag anyone
 
+    @classmethod
+    def from_mapping(cls, value: object) -> Thresholds:
+        """Thresholds from a campaign's JSON: an object naming some of the fields above, each
+        a number in its range (THRESHOLD_RANGES); the rest keep their defaults. Raises
+        ValueError with a message that names the bad entry."""
+        if not isinstance(value, dict):
+            raise ValueError(
+                "thresholds must be a JSON object such as "
+                '{"min_gold_accuracy": 0.7}; {} keeps every default'
+            )
+        for name, number in value.items():
+            if name not in THRESHOLD_RANGES:
+                known = ", ".join(THRESHOLD_RANGES)
+                raise ValueError(f"unknown threshold {str(name)[:40]!r} (known: {known})")
+            lo, hi, whole = THRESHOLD_RANGES[name]
+            if (
+                isinstance(number, bool)
+                or not isinstance(number, int | float)
+                or not math.isfinite(number)
+                or (whole and not float(number).is_integer())
+            ):
+                kind = "a whole number" if whole else "a number"
+                raise ValueError(f"threshold {name!r} must be {kind}")
+            if not lo <= number <= hi:
+                raise ValueError(f"threshold {name!r} must be between {lo} and {hi}")
+        return cls(
+            **{name: (int(v) if THRESHOLD_RANGES[name][2] else v) for name, v in value.items()}
+        )
+
+
+# (lowest, highest, whole number) of each threshold a campaign may set.
+THRESHOLD_RANGES = {
+    "min_gold_accuracy": (0, 1, False),
+    "min_majority_agreement": (0, 1, False),
+    "max_left_pick_deviation": (0, 0.5, False),
+    "max_left_pick_p_value": (0, 1, False),
+    "min_median_seconds": (0, 3600, False),
+    "min_labels_for_flags": (0, 1_000_000, True),
+}
+
 
 def _reasons(s: RaterStats, t: Thresholds) -> list[str]:
     # Comparisons with nan are False, so a statistic that is missing never raises a flag.

@@ -4,12 +4,11 @@ Authenticated by ``Authorization: Bearer <token>`` (or a session with CSRF). Res
 texts only — never model names or response ids — exactly like the rater's page.
 """
 
-import json
-
 from django.http import Http404, JsonResponse
 from django.views.decorators.http import require_POST
 
 from core.access import RATER, api_role_required
+from core.payload import PayloadError, request_json
 from grading import access
 from grading.services import (
     GradingError,
@@ -20,19 +19,11 @@ from grading.services import (
 )
 
 
-def _body(request) -> dict:
-    try:
-        body = json.loads(request.body or b"{}")
-    except json.JSONDecodeError as exc:
-        raise GradingError(f"malformed JSON: {exc.msg}") from None
-    if not isinstance(body, dict):
-        raise GradingError("the body must be a JSON object")
-    return body
-
-
 def _error(exc: Exception) -> JsonResponse:
     if isinstance(exc, Http404):
         return JsonResponse({"error": "no such task or campaign"}, status=404)
+    if isinstance(exc, PayloadError):
+        return JsonResponse({"error": str(exc)}, status=exc.status)
     return JsonResponse({"error": str(exc)}, status=409 if isinstance(exc, LeaseLost) else 400)
 
 
@@ -40,9 +31,10 @@ def _error(exc: Exception) -> JsonResponse:
 @api_role_required(RATER)
 def next_task(request, campaign_id: int):
     try:
+        request_json(request)  # no fields, but a body that is sent must be valid
         campaign = access.access_campaign_for_rater(request.user, campaign_id)
         assignment = assignment_claim(rater=request.user, campaign=campaign)
-    except (GradingError, Http404) as exc:
+    except (GradingError, PayloadError, Http404) as exc:
         return _error(exc)
     if assignment is None:
         return JsonResponse({"task": None})
@@ -66,8 +58,8 @@ def next_task(request, campaign_id: int):
 def submit(request, assignment_id: int):
     try:
         assignment = access.access_assignment_for_rater(request.user, assignment_id)
-        label = assignment_submit(assignment=assignment, data=_body(request))
-    except (GradingError, Http404) as exc:
+        label = assignment_submit(assignment=assignment, data=request_json(request))
+    except (GradingError, PayloadError, Http404) as exc:
         return _error(exc)
     return JsonResponse({"label": label.pk, "late": label.late})
 
@@ -77,7 +69,7 @@ def submit(request, assignment_id: int):
 def skip(request, assignment_id: int):
     try:
         assignment = access.access_assignment_for_rater(request.user, assignment_id)
-        assignment_skip(assignment=assignment, reason=str(_body(request).get("reason", "")))
-    except (GradingError, Http404) as exc:
+        assignment_skip(assignment=assignment, reason=request_json(request).get("reason"))
+    except (GradingError, PayloadError, Http404) as exc:
         return _error(exc)
     return JsonResponse({"skipped": assignment.pk})

@@ -1,7 +1,14 @@
 """Label exports: rows in the TRL / OpenRLHF preference schema, written as JSONL, CSV or
 Parquet, and the preference records reward training reads. Plain functions; the Celery task
-that runs an export as a job is a thin wrapper in ``grading/tasks.py``."""
+that runs an export as a job is a thin wrapper in ``grading/tasks.py``.
 
+CSV is written for spreadsheets (README, "Human grading"): every cell quoted, so a carriage
+return or line break inside a text never splits a row, and text cells that a spreadsheet
+would run as a formula — starting with ``=``, ``+``, ``-``, ``@``, tab or carriage return —
+get a leading single quote, as OWASP recommends against CSV injection. JSONL and Parquet carry
+the texts unchanged."""
+
+import csv
 import json
 from pathlib import Path
 
@@ -13,6 +20,7 @@ from models.preferences import Preference
 
 CHUNK = 5000
 FORMATS = ("jsonl", "csv", "parquet")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP, "CSV Injection"
 
 
 def export_file(
@@ -138,16 +146,32 @@ def _row(campaign: Campaign, label: dict, responses: list[dict]) -> dict:
     }
 
 
+def csv_cell(value) -> str:
+    """A CSV cell as written: text starting with a formula character gets a leading ``'``;
+    aspects (a dict) are JSON, None is empty, everything else its ``str``."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if isinstance(value, str):
+        return "'" + value if value.startswith(FORMULA_STARTS) else value
+    return str(value)
+
+
 def _write(rows: list[dict], path: Path, fmt: str) -> None:
     if fmt == "jsonl":
         with path.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         return
+    if fmt == "csv":
+        with path.open("w", encoding="utf-8", newline="") as f:
+            if rows:
+                writer = csv.writer(f, quoting=csv.QUOTE_ALL, lineterminator="\r\n")
+                writer.writerow(rows[0])
+                writer.writerows([csv_cell(v) for v in row.values()] for row in rows)
+        return
     frame = pd.DataFrame(rows)
     if "aspects" in frame:
         frame["aspects"] = frame["aspects"].map(lambda a: json.dumps(a, sort_keys=True))
-    if fmt == "csv":
-        frame.to_csv(path, index=False)
-    else:
-        frame.to_parquet(path, index=False)
+    frame.to_parquet(path, index=False)

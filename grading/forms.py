@@ -1,14 +1,49 @@
 import json
 
 from django import forms
+from django.forms.fields import InvalidJSONInput, JSONString
 
+from core import payload
+from grading.agreement import Thresholds
 from grading.models import Campaign
+from grading.uploads import MAX_UPLOAD_BYTES, MAX_UPLOAD_ROWS
 
-MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+
+class CheckedJSONField(forms.JSONField):
+    """A JSON form field parsed by ``core.payload.loads``: NaN, 1e400, NUL characters or deep
+    nesting are form errors naming the field, not a 500 when the value is stored."""
+
+    def to_python(self, value):
+        if self.disabled:
+            return value
+        if value in self.empty_values:
+            return None
+        if isinstance(value, list | dict | int | float | JSONString):
+            return value
+        try:
+            converted = payload.loads(value, subject="the value")
+        except payload.PayloadError as exc:
+            raise forms.ValidationError(str(exc), code="invalid") from None
+        return JSONString(converted) if isinstance(converted, str) else converted
+
+    def bound_data(self, data, initial):
+        if self.disabled:
+            return initial
+        if data is None:
+            return None
+        try:
+            return payload.loads(data)
+        except payload.PayloadError:
+            return InvalidJSONInput(data)
 
 
 class CampaignForm(forms.ModelForm):
-    aspects = forms.JSONField(required=False, help_text="single-sided aspects with anchors (JSON)")
+    aspects = CheckedJSONField(required=False, help_text="single-sided aspects with anchors (JSON)")
+    thresholds = CheckedJSONField(
+        required=False,
+        help_text="when the dashboard flags a rater (JSON object); names left out keep their "
+        "defaults, {} keeps them all",
+    )
 
     class Meta:
         model = Campaign
@@ -67,14 +102,32 @@ class CampaignForm(forms.ModelForm):
                 raise forms.ValidationError(f"anchors of {aspect['key']!r} must be keyed 1–5")
         return aspects
 
+    def clean_thresholds(self):
+        thresholds = self.cleaned_data.get("thresholds")
+        try:
+            Thresholds.from_mapping(thresholds)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return thresholds
+
+
+UPLOAD_LIMIT = f"{MAX_UPLOAD_BYTES // 2**20} MB"
+
 
 class UploadForm(forms.Form):
-    file = forms.FileField(help_text=".jsonl or .csv; all rows are imported or none")
+    file = forms.FileField(
+        help_text=f".jsonl or .csv in UTF-8, at most {UPLOAD_LIMIT} and {MAX_UPLOAD_ROWS:,} rows; "
+        "all rows are imported or none",
+        widget=forms.FileInput(attrs={"accept": ".jsonl,.ndjson,.json,.csv"}),
+    )
 
     def clean_file(self):
         upload = self.cleaned_data["file"]
         if upload.size > MAX_UPLOAD_BYTES:
-            raise forms.ValidationError("the file is larger than 512 MB")
+            raise forms.ValidationError(
+                f"the file is {upload.size / 2**20:,.0f} MB, more than the limit of "
+                f"{UPLOAD_LIMIT}: split it into several uploads"
+            )
         return upload
 
 

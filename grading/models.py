@@ -177,7 +177,8 @@ class AssignmentQuerySet(models.QuerySet):
 
 
 class Assignment(models.Model):
-    """A rater's lease on an item. A rater gets an item at most once (unique constraint)."""
+    """A rater's lease on an item. A rater gets an item at most once, and holds at most one
+    lease per campaign (unique constraints: concurrent claims of one rater cannot both win)."""
 
     LEASED, SUBMITTED, SKIPPED, EXPIRED = "leased", "submitted", "skipped", "expired"
     STATUS_CHOICES = [(s, s) for s in (LEASED, SUBMITTED, SKIPPED, EXPIRED)]
@@ -206,7 +207,14 @@ class Assignment(models.Model):
     class Meta:
         ordering = ["-leased_at"]
         constraints = [
-            models.UniqueConstraint(fields=["item", "rater"], name="uniq_assignment_item_rater")
+            models.UniqueConstraint(fields=["item", "rater"], name="uniq_assignment_item_rater"),
+            # Expired leases keep status "leased" until leases_expire() returns them; a claim
+            # that meets the rater's own expires it first (services.assignment_claim).
+            models.UniqueConstraint(
+                fields=["rater", "campaign"],
+                condition=Q(status="leased"),
+                name="uniq_live_lease_per_rater",
+            ),
         ]
         indexes = [
             models.Index(fields=["rater", "campaign", "status"], name="assignment_rater_idx"),

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.db.models import Count, Q
 
 from grading import agreement
-from grading.models import Assignment, Campaign, Item, Label
+from grading.models import Assignment, Campaign, Item, Label, Response
 
 
 def rater_progress(user, campaigns) -> list[dict]:
@@ -60,7 +60,7 @@ def campaign_report(campaign: Campaign) -> dict:
     regular = [r for r in labels if not r["item__is_gold"]]
     figures, majority = _agreement_figures(campaign, regular)
     stats = agreement.rater_stats(records, majority=majority)
-    thresholds = agreement.Thresholds(**campaign.thresholds)
+    thresholds, thresholds_problem = campaign_thresholds(campaign)
     flags = agreement.flag_raters(stats, thresholds)
     raters = [
         {"id": rid, "name": names[rid], "stats": s, "flags": flags.get(rid, [])}
@@ -74,8 +74,31 @@ def campaign_report(campaign: Campaign) -> dict:
         "live_leases": Assignment.objects.filter(campaign=campaign).live().count(),
         "skips": Assignment.objects.filter(campaign=campaign, status=Assignment.SKIPPED).count(),
         "raters": raters,
+        "thresholds_problem": thresholds_problem,
         **figures,
     }
+
+
+def campaign_thresholds(campaign: Campaign) -> tuple[agreement.Thresholds, str]:
+    """The campaign's thresholds, or the defaults and why, when the stored value is invalid
+    (saved before the form checked it): the dashboard shows the problem instead of failing."""
+    try:
+        return agreement.Thresholds.from_mapping(campaign.thresholds), ""
+    except ValueError as exc:
+        return agreement.Thresholds(), f"{exc}; the defaults are used until it is fixed"
+
+
+def model_names_shown_to_raters(campaign: Campaign) -> list[str]:
+    """Model names of the campaign's responses that its name or guidelines (both shown to
+    raters) mention, ignoring case; names shorter than three characters are left out."""
+    shown = f"{campaign.name}\n{campaign.guidelines}".casefold()
+    names = (
+        Response.objects.filter(item__campaign=campaign)
+        .exclude(model_name="")
+        .values_list("model_name", flat=True)
+        .distinct()
+    )
+    return sorted(name for name in names if len(name) >= 3 and name.casefold() in shown)
 
 
 def _agreement_figures(campaign: Campaign, labels: list[dict]) -> tuple[dict, dict]:
@@ -116,7 +139,8 @@ def filtered_labels(campaign: Campaign, params) -> tuple:
         .select_related("rater", "item", "preferred")
         .order_by("-created_at", "-id")
     )
-    filters = {name: params.get(name, "") for name in FILTERS}
+    # NUL cannot be compared with PostgreSQL text; no stored value holds one.
+    filters = {name: params.get(name, "").replace("\x00", "")[:200] for name in FILTERS}
     if filters["rater"]:
         labels = labels.filter(rater__username=filters["rater"])
     if filters["level"]:

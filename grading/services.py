@@ -4,7 +4,9 @@ Claiming is atomic under concurrency. On PostgreSQL the candidate item row is ta
 ``SELECT … FOR UPDATE SKIP LOCKED``, so concurrent raters never wait on each other and never
 over-fill an item. SQLite has no row locks; there every write transaction starts IMMEDIATE
 (settings.py), which serialises claims on the database lock — the same guarantee, less
-concurrency.
+concurrency. A rater holds at most one lease per campaign (a unique index), and one rater's
+claims run one at a time (an advisory lock on PostgreSQL), so parallel "next" calls from one
+rater all get the same task.
 
 The two hottest writes (a plain claim and a submit on a live lease) are single SQL statements
 on PostgreSQL (``_CLAIM_SQL``, ``_SUBMIT_SQL``): one round trip instead of six or seven, which
@@ -18,16 +20,18 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from core import rows
+from core import payload, rows
 from grading.models import Assignment, Campaign, Item, Label, Response
-from grading.uploads import parse_upload
+from grading.uploads import MAX_ROWS, UploadError, parse_upload
 from models.preferences import STRENGTHS, TIES
 
 SIDES = ("left", "right")
+MAX_COMMENT = 5000  # characters in a single-sided label's comment
+MAX_REASON = 500  # characters in a skip reason: Assignment.skip_reason
 
 
 class GradingError(Exception):
@@ -51,20 +55,41 @@ class Choice:
         return self.level if self.side is None else f"{self.side}_{self.level}"
 
     @classmethod
-    def parse(cls, value: str) -> "Choice":
+    def parse(cls, value) -> "Choice":
+        if not isinstance(value, str):
+            raise GradingError(f"'choice' must be text, not {payload.json_type(value)}")
         if value in TIES:
             return cls(None, value)
         side, _, level = value.partition("_")
         if side not in SIDES or level not in STRENGTHS:
-            raise GradingError(f"unknown choice {value!r}")
+            raise GradingError(f"unknown choice {value[:40]!r}")
         return cls(side, level)
 
 
-def campaign_import(*, campaign: Campaign, data: bytes, filename: str) -> int:
-    """Add the items of an upload to a campaign, all or nothing. Raises UploadError."""
+def campaign_import(
+    *, campaign: Campaign, data: bytes, filename: str, max_rows: int = MAX_ROWS
+) -> int:
+    """Add the items of an upload to a campaign, all or nothing. Raises UploadError, naming
+    each bad row: parse_upload's checks, and ids the campaign already has."""
     rows = parse_upload(
-        data, filename, side_by_side=campaign.is_side_by_side, aspects=campaign.aspect_keys
+        data,
+        filename,
+        side_by_side=campaign.is_side_by_side,
+        aspects=campaign.aspect_keys,
+        max_rows=max_rows,
     )
+    ids = {r.external_id for r in rows if r.external_id}
+    if ids:
+        existing = Item.objects.filter(campaign=campaign).exclude(external_id="")
+        taken = ids.intersection(existing.values_list("external_id", flat=True).iterator())
+        if taken:
+            raise UploadError(
+                [
+                    f"row {r.number}: id {r.external_id!r} is already in this campaign"
+                    for r in rows
+                    if r.external_id in taken
+                ]
+            )
     with transaction.atomic():
         items = Item.objects.bulk_create(
             [
@@ -115,9 +140,37 @@ def assignment_claim(*, rater, campaign: Campaign, rng: random.Random | None = N
     left = rng.randrange(2) if campaign.is_side_by_side else 0
     claim = _claim_statement if _fast_path() and not gold else _claim_orm
     assignment = claim(rater, campaign, now, left, gold=gold)
-    if assignment is None and leases_expire(campaign=campaign, now=now):
-        assignment = claim(rater, campaign, now, left, gold=False)  # expired leases freed some
+    if assignment is None:
+        assignment = _claim_after_none(rater, campaign, now, left, claim)
     return assignment
+
+
+def _claim_after_none(rater, campaign: Campaign, now, left: int, claim):
+    """A claim that leased nothing, retried once under the rater's lock: a concurrent call of
+    the same rater may have leased a task (the statement's snapshot predates it; the unique
+    index made this claim insert nothing), or expired leases hold the slots — among them the
+    rater's own, which blocks a new lease until it is returned."""
+    with transaction.atomic():
+        _serialise(rater, campaign)
+        live = Assignment.objects.filter(rater=rater, campaign=campaign).live().first()
+        if live is not None:
+            return live
+        leases_expire(campaign=campaign, now=now)
+        _expire(Assignment.objects.expired(now).filter(rater=rater, campaign=campaign), now)
+        return claim(rater, campaign, now, left, gold=False)
+
+
+def _serialise(rater, campaign: Campaign) -> None:
+    """Take the rater's claim lock for this campaign until the transaction ends (PostgreSQL;
+    SQLite serialises every write transaction already)."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(rater, campaign)])
+
+
+def _lock_key(rater, campaign: Campaign) -> int:
+    """The advisory-lock key of a rater's claims in a campaign: one signed 64-bit number."""
+    return ((campaign.pk & 0x7FFFFFFF) << 32) | (rater.pk & 0xFFFFFFFF)
 
 
 def _fast_path() -> bool:
@@ -125,10 +178,26 @@ def _fast_path() -> bool:
 
 
 def _claim_orm(rater, campaign: Campaign, now, left: int, *, gold: bool):
+    try:
+        return _claim_orm_once(rater, campaign, now, left, gold=gold)
+    except IntegrityError:
+        # Only if a claim of the same rater got past the lock: the unique index let one
+        # lease through; the caller finds it.
+        return None
+
+
+def _claim_orm_once(rater, campaign: Campaign, now, left: int, *, gold: bool):
     with transaction.atomic():
-        live = Assignment.objects.filter(rater=rater, campaign=campaign).live(now).first()
-        if live is not None:
-            return live
+        _serialise(rater, campaign)
+        held = (
+            Assignment.objects.filter(rater=rater, campaign=campaign, status=Assignment.LEASED)
+            .order_by("-leased_at")
+            .first()
+        )
+        if held is not None and held.expires_at > now:
+            return held
+        if held is not None:  # expired but not yet returned: it would block a new lease
+            _expire(Assignment.objects.filter(pk=held.pk), now)
         item = _lock_candidate(campaign, rater, gold=True) if gold else None
         if item is None:
             item = _lock_candidate(campaign, rater, gold=False)
@@ -146,35 +215,43 @@ def _claim_orm(rater, campaign: Campaign, now, left: int, *, gold: bool):
 
 
 # The rater's live lease if there is one; else lock the first free non-gold item (as
-# _lock_candidate orders them), count the slot and lease it — one statement, one round trip.
+# _lock_candidate orders them), lease it and count the slot — one statement, one round trip.
 # The candidate's row lock makes PostgreSQL re-check ``taken < overlap`` on the newest row
 # version, so concurrent claims can never over-fill an item. ``OFFSET 0`` keeps "not seen by
 # this rater" a probe of the (item, rater) unique index per candidate: as an anti-join, stale
 # statistics on a young table made the planner rescan the rater's whole history per candidate
 # (100 ms per claim at 1,300 labels).
+# One rater's claims in a campaign run one at a time: the candidate scan waits for the rater's
+# advisory lock (``serial``, a one-time filter evaluated before the scan), so a concurrent
+# claim of the same rater has committed and unlocked its item first. Its lease is newer than
+# this statement's snapshot, so ``live`` misses it; the uniq_live_lease_per_rater index then
+# makes the INSERT insert nothing (ON CONFLICT DO NOTHING), the slot is counted from what was
+# inserted, and the caller finds that lease (_claim_after_none).
 _CLAIM_SQL = """
-WITH live AS (
+WITH serial AS (
+    SELECT pg_advisory_xact_lock(%(lock)s) AS locked
+), live AS (
     SELECT id, item_id, left_position, leased_at, expires_at FROM grading_assignment
     WHERE rater_id = %(rater)s AND campaign_id = %(campaign)s AND status = 'leased'
       AND expires_at > %(now)s
     ORDER BY leased_at DESC LIMIT 1
 ), candidate AS (
     SELECT i.id FROM grading_item i
-    WHERE NOT EXISTS (SELECT 1 FROM live)
+    WHERE EXISTS (SELECT 1 FROM serial) AND NOT EXISTS (SELECT 1 FROM live)
       AND i.campaign_id = %(campaign)s AND NOT i.is_gold AND i.taken < %(overlap)s
       AND NOT EXISTS (SELECT 1 FROM grading_assignment a
                       WHERE a.item_id = i.id AND a.rater_id = %(rater)s OFFSET 0)
     ORDER BY i.taken DESC, i.id
     LIMIT 1 FOR UPDATE OF i SKIP LOCKED
-), counted AS (
-    UPDATE grading_item i SET taken = i.taken + 1 FROM candidate c WHERE i.id = c.id
-    RETURNING i.id
 ), leased AS (
     INSERT INTO grading_assignment (item_id, campaign_id, rater_id, status, left_position,
                                     leased_at, expires_at, skip_reason)
     SELECT id, %(campaign)s, %(rater)s, 'leased', %(left)s, %(now)s, %(expires)s, ''
-    FROM counted
+    FROM candidate
+    ON CONFLICT DO NOTHING
     RETURNING id, item_id, left_position, leased_at, expires_at
+), counted AS (
+    UPDATE grading_item i SET taken = i.taken + 1 FROM leased l WHERE i.id = l.item_id
 ), chosen AS (
     SELECT * FROM live UNION ALL SELECT * FROM leased
 )
@@ -192,6 +269,7 @@ def _claim_statement(rater, campaign: Campaign, now, left: int, *, gold: bool):
         "left": left,
         "overlap": campaign.overlap,
         "expires": now + campaign.lease,
+        "lock": _lock_key(rater, campaign),
     }
     with connection.cursor() as cursor:
         cursor.execute(_CLAIM_SQL, params)
@@ -262,15 +340,21 @@ def _expire_now_and_then(campaign: Campaign, now) -> None:
 def leases_expire(*, campaign: Campaign | None = None, now=None) -> int:
     """Return the slots of expired leases to the pool. Call inside or outside a transaction."""
     now = now or timezone.now()
+    expired = Assignment.objects.expired(now)
+    if campaign is not None:
+        expired = expired.filter(campaign=campaign)
+    return _expire(expired, now, skip_locked=True)
+
+
+def _expire(leases, now, *, skip_locked: bool = False) -> int:
+    """Mark ``leases`` expired and give their items' slots back; ``skip_locked`` leaves leases
+    another transaction is handling (a submit, another expiry) instead of waiting for them."""
     # No savepoint: inside a claim this is part of the claim's transaction (two round trips
     # fewer on the hottest path); called alone it is its own transaction.
     with transaction.atomic(savepoint=False):
-        expired = Assignment.objects.expired(now)
-        if campaign is not None:
-            expired = expired.filter(campaign=campaign)
         if connection.features.has_select_for_update_skip_locked:
-            expired = expired.select_for_update(skip_locked=True)
-        rows = list(expired.values_list("pk", "item_id"))
+            leases = leases.select_for_update(skip_locked=skip_locked)
+        rows = list(leases.filter(status=Assignment.LEASED).values_list("pk", "item_id"))
         if not rows:
             return 0
         Assignment.objects.filter(pk__in=[pk for pk, _ in rows]).update(
@@ -404,7 +488,7 @@ def _retake_slot(a: Assignment) -> None:
 
 def _label_fields(a: Assignment, data: dict) -> dict:
     if a.campaign.is_side_by_side:
-        return _pairwise_fields(a, Choice.parse(str(data.get("choice", ""))))
+        return _pairwise_fields(a, Choice.parse(data.get("choice", "")))
     return _single_fields(a, data)
 
 
@@ -426,39 +510,59 @@ def _pairwise_fields(a: Assignment, choice: Choice) -> dict:
 
 
 def _single_fields(a: Assignment, data: dict) -> dict:
-    raw = data.get("scores") or {}
+    raw = data.get("scores")
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise GradingError("scores must map each aspect to a score")
-    scores = {}
-    for key in a.campaign.aspect_keys:
-        try:
-            value = int(raw[key])
-        except (KeyError, TypeError, ValueError):
-            raise GradingError(f"give {key.replace('_', ' ')} a score from 1 to 5") from None
-        if not 1 <= value <= 5:
-            raise GradingError(f"{key.replace('_', ' ')} must be from 1 to 5, not {value}")
-        scores[key] = value
+        raise GradingError("'scores' must map each aspect to a score")
+    scores = {key: _score(raw.get(key), key) for key in a.campaign.aspect_keys}
     unknown = set(raw) - set(scores)
     if unknown:
-        raise GradingError(f"unknown aspect(s): {', '.join(sorted(map(str, unknown)))}")
-    comment = str(data.get("comment") or "")
-    if len(comment) > 5000:
-        raise GradingError("the comment is longer than 5000 characters")
+        shown = ", ".join(sorted(str(k)[:40] for k in unknown))
+        raise GradingError(f"unknown aspect(s): {shown}")
+    unsafe = data.get("unsafe", False)
+    if not isinstance(unsafe, bool):
+        raise GradingError(f"'unsafe' must be true or false, not {payload.json_type(unsafe)}")
+    comment = _text(data.get("comment"), "comment", MAX_COMMENT)
     correct = None
     if a.item.is_gold and a.item.gold_answer is not None:
         correct = all(lo <= scores[k] <= hi for k, (lo, hi) in a.item.gold_answer["scores"].items())
     return {
         "preferred_position": None,
         "scores": scores,
-        "unsafe": bool(data.get("unsafe")),
+        "unsafe": unsafe,
         "comment": comment,
         "gold_correct": correct,
     }
 
 
-def assignment_skip(*, assignment: Assignment, reason: str) -> None:
+def _score(value, key: str) -> int:
+    """A whole score 1–5: a number, or the digit a form sends; never a boolean."""
+    name = key.replace("_", " ")
+    if value is None or value == "":
+        raise GradingError(f"give {name} a score from 1 to 5")
+    if isinstance(value, str) and value.strip() in ("1", "2", "3", "4", "5"):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise GradingError(f"{name} must be a whole score from 1 to 5, not {str(value)[:20]!r}")
+    if not 1 <= value <= 5:
+        raise GradingError(f"{name} must be from 1 to 5, not {value}")
+    return value
+
+
+def _text(value, name: str, max_length: int, *, required: bool = False) -> str:
+    """Free text from a rater (form or JSON): core.payload.text's checks, as a GradingError."""
+    try:
+        return payload.text(value, name, max_length=max_length, required=required)
+    except payload.PayloadError as exc:
+        raise GradingError(str(exc)) from None
+
+
+def assignment_skip(*, assignment: Assignment, reason) -> None:
     """Give a task back with a reason; the rater is never offered that item again."""
-    reason = reason.strip()
+    reason = _text(reason, "reason", MAX_REASON).strip()
     if not reason:
         raise GradingError("say why you skip this task")
     with transaction.atomic():
@@ -469,5 +573,5 @@ def assignment_skip(*, assignment: Assignment, reason: str) -> None:
             raise GradingError("this task is already submitted")
         if a.status == Assignment.LEASED:
             Item.objects.filter(pk=a.item_id).update(taken=F("taken") - 1)
-        a.status, a.skip_reason, a.finished_at = Assignment.SKIPPED, reason[:500], timezone.now()
+        a.status, a.skip_reason, a.finished_at = Assignment.SKIPPED, reason, timezone.now()
         a.save(update_fields=["status", "skip_reason", "finished_at"])

@@ -23,7 +23,7 @@ from grading.services import (
     assignment_submit,
     campaign_import,
 )
-from grading.uploads import UploadError
+from grading.uploads import MAX_UPLOAD_ROWS, UploadError
 from models.preferences import PREFERENCE_LEVELS
 
 # --- raters ---------------------------------------------------------------------------------
@@ -148,33 +148,55 @@ def campaign_list(request):
 @researcher_required
 def campaign_detail(request, campaign_id: int):
     campaign = access.access_campaign_for_researcher(request.user, campaign_id)
-    context = {
+    return render(request, "grading/campaign_detail.html", _detail_context(campaign))
+
+
+def _detail_context(campaign, upload_form=None) -> dict:
+    return {
         "campaign": campaign,
-        "upload_form": UploadForm(),
+        "upload_form": upload_form or UploadForm(),
         "export_form": ExportForm(),
         "report": quality.campaign_report(campaign),
         "guidelines_html": render_markdown(campaign.guidelines),
         "exports": Job.objects.filter(kind="grading.export", params__campaign_id=campaign.pk)[:10],
     }
-    return render(request, "grading/campaign_detail.html", context)
 
 
 @require_POST
 @researcher_required
 def campaign_upload(request, campaign_id: int):
+    """Import an upload, all or nothing; a rejected one comes back as the campaign page with
+    status 400 and every problem (row and field) under the file field."""
     campaign = access.access_campaign_for_researcher(request.user, campaign_id)
     form = UploadForm(request.POST, request.FILES)
-    if not form.is_valid():
-        messages.error(request, "; ".join(e for errs in form.errors.values() for e in errs))
-        return redirect("grading:campaign", campaign_id=campaign.pk)
-    upload = form.cleaned_data["file"]
-    try:
-        count = campaign_import(campaign=campaign, data=upload.read(), filename=upload.name)
-    except UploadError as exc:
-        messages.error(request, f"Nothing was imported. {exc}")
-    else:
-        messages.success(request, f"Imported {count} items.")
-    return redirect("grading:campaign", campaign_id=campaign.pk)
+    if form.is_valid():
+        upload = form.cleaned_data["file"]
+        try:
+            count = campaign_import(
+                campaign=campaign,
+                data=upload.read(),
+                filename=upload.name,
+                max_rows=MAX_UPLOAD_ROWS,
+            )
+        except UploadError as exc:
+            more = len(exc.errors) - 20
+            form.add_error(
+                "file",
+                [f"Nothing was imported: {len(exc.errors)} problem(s)."]
+                + exc.errors[:20]
+                + ([f"… and {more} more."] if more > 0 else []),
+            )
+        else:
+            messages.success(request, f"Imported {count} items.")
+            for name in quality.model_names_shown_to_raters(campaign):
+                messages.warning(
+                    request,
+                    f"The campaign's name or guidelines mention the model {name!r}: raters "
+                    "see both, so they are no longer blind to it.",
+                )
+            return redirect("grading:campaign", campaign_id=campaign.pk)
+    context = _detail_context(campaign, upload_form=form)
+    return render(request, "grading/campaign_detail.html", context, status=400)
 
 
 @researcher_required

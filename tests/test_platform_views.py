@@ -140,3 +140,57 @@ def test_login_page_logs_a_user_in(client, carol):
     response = client.post(reverse("login"), {"username": "carol", "password": PASSWORD})
     assert response.status_code == 302
     assert client.get(reverse("job_list")).status_code == 200
+
+
+def test_healthz_tells_anonymous_callers_what_is_down_but_not_the_drivers_error(client, admin_user):
+    leak = "Error 111 connecting to broker.internal:6379. Connection refused."
+    with mock.patch("evalhub.views.app.connection_for_write", side_effect=OSError(leak)):
+        anonymous = client.get("/healthz")
+        client.force_login(admin_user)
+        admin = client.get("/healthz")
+    assert anonymous.status_code == 503
+    assert anonymous.json() == {
+        "status": "down",
+        "down": ["broker"],
+        "database": "ok",
+        "broker": "error",
+    }
+    assert "broker.internal" not in anonymous.content.decode()
+    assert admin.status_code == 503 and "broker.internal:6379" in admin.json()["broker"]
+
+
+def test_bootstrap_names_demo_campaigns_without_their_models_and_renames_old_ones():
+    from django.core.management import call_command
+
+    from grading.models import Campaign
+    from grading.quality import model_names_shown_to_raters
+
+    call_command("bootstrap", "--no-models", stdout=mock.MagicMock())
+    campaigns = list(Campaign.objects.all())
+    assert len(campaigns) == 2
+    for campaign in campaigns:
+        assert campaign.items.exists() and model_names_shown_to_raters(campaign) == []
+        models = set(campaign.items.values_list("responses__model_name", flat=True)) - {""}
+        assert models and not any(m.casefold() in campaign.name.casefold() for m in models)
+    # An install bootstrapped with the old names gets them replaced on the next run.
+    Campaign.objects.filter(name__startswith="Arena").update(
+        name="Arena-Hard v2.0: o3-mini vs gemini-2.0-flash"
+    )
+    call_command("bootstrap", "--no-models", stdout=mock.MagicMock())
+    assert not Campaign.objects.filter(name__contains="o3-mini").exists()
+
+
+def test_an_upload_warns_when_the_campaign_name_shows_a_model(login, carol):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.factories import make_campaign
+
+    campaign = make_campaign(name="gpt-4o vs llama")
+    row = b'{"prompt": "p", "response_a": "a", "response_b": "b", "model_a": "GPT-4o"}'
+    page = login(carol).post(
+        reverse("grading:upload", args=[campaign.pk]),
+        {"file": SimpleUploadedFile("a.jsonl", row)},
+        follow=True,
+    )
+    assert "Imported 1 items." in page.content.decode()
+    assert "mention the model &#x27;GPT-4o&#x27;" in page.content.decode()

@@ -72,3 +72,51 @@ def test_simultaneous_first_claims_each_get_a_distinct_slot():
     _run_threads(20, claim)
     items = [g for g in got if g is not None]
     assert len(items) == 10 and len(set(items)) == 10  # 10 slots, 10 winners, no double lease
+
+
+def test_parallel_next_calls_of_one_rater_share_one_lease():
+    """Issue 14: five parallel "next" calls of one rater gave two leases. Each round, eight
+    threads of the same rater claim at once: all get the same task, one slot is taken."""
+    campaign = make_campaign(overlap=3)
+    make_items(campaign, 12)
+    rater = UserFactory(username="twin")
+    for _ in range(6):
+        got = [None] * 8
+
+        def claim(i, got=got):
+            got[i] = assignment_claim(rater=rater, campaign=campaign).pk
+
+        _run_threads(8, claim)
+        assert len(set(got)) == 1, got
+        assert Assignment.objects.filter(rater=rater, status="leased").count() == 1
+        assert (
+            sum(Item.objects.values_list("taken", flat=True))
+            == Assignment.objects.filter(status__in=("leased", "submitted")).count()
+        )
+        assignment_submit(
+            assignment=Assignment.objects.get(pk=got[0]), data={"choice": "tie_both_good"}
+        )
+
+
+def test_parallel_next_calls_after_an_expired_lease_give_one_new_lease():
+    """The rater's own expired lease (still "leased" until swept) neither blocks the next
+    claim nor lets two through."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    campaign = make_campaign(overlap=1)
+    make_items(campaign, 12)
+    rater = UserFactory(username="late")
+    old = assignment_claim(rater=rater, campaign=campaign)
+    Assignment.objects.filter(pk=old.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    got = [None] * 8
+
+    def claim(i):
+        got[i] = assignment_claim(rater=rater, campaign=campaign).pk
+
+    _run_threads(8, claim)
+    assert len(set(got)) == 1 and got[0] != old.pk
+    statuses = dict(Assignment.objects.values_list("pk", "status"))
+    assert statuses == {old.pk: "expired", got[0]: "leased"}
+    assert sum(Item.objects.values_list("taken", flat=True)) == 1

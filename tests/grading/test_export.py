@@ -109,3 +109,78 @@ def test_the_export_form_passes_keep_ties_to_the_job(login, carol):
     assert response.status_code == 302 and job.params["include_ties"] is True
     bad = login(carol).post(reverse("grading:export", args=[campaign.pk]), {"format": "xls"})
     assert bad.status_code == 400 and "format" in bad.content.decode()
+
+
+HOSTILE_TEXTS = [
+    '=HYPERLINK("http://evil.example","click")',
+    "+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(A1:A9)",
+    "\tleading tab",
+    "\rleading carriage return",
+    "bare\rcarriage\rreturns",
+    "crlf\r\nand lf\nlines",
+    'quotes " and, commas',
+    "plain text",
+]
+
+
+def _hostile_campaign(kind):
+    """Items whose prompts, responses, model names and ids start like formulas or hold bare
+    carriage returns, labelled by a rater whose name and comments do too."""
+    from grading.models import Item, Response
+    from tests.factories import UserFactory
+
+    campaign = make_campaign(name=f"hostile {kind}", kind=kind, overlap=1)
+    n = 2 if kind == "side_by_side" else 1
+    for i, text in enumerate(HOSTILE_TEXTS):
+        item = Item.objects.create(campaign=campaign, prompt=text, external_id=text[:50] + str(i))
+        for p in range(n):
+            Response.objects.create(item=item, position=p, text=f"{text}{p}", model_name=f"={i}")
+    rater = UserFactory(username="=cmd|calc")
+    comments = iter(HOSTILE_TEXTS)
+    if kind == "side_by_side":
+        _label_all(campaign, rater, lambda a: {"choice": "left_better"})
+    else:
+        scores = {
+            "instruction_following": 5,
+            "conciseness": 4,
+            "truthfulness": 3,
+            "harmlessness": 2,
+        }
+        _label_all(campaign, rater, lambda a: {"scores": scores, "comment": next(comments)})
+    return campaign
+
+
+@pytest.mark.parametrize("kind", ["side_by_side", "single_sided"])
+def test_csv_export_neutralises_formulas_and_round_trips_through_spreadsheet_parsers(kind):
+    import csv
+
+    from grading.exports import FORMULA_STARTS, csv_cell, export_rows
+
+    campaign = _hostile_campaign(kind)
+    expected = [
+        {key: csv_cell(value) for key, value in row.items()} for row in export_rows(campaign)
+    ]
+    assert len(expected) == len(HOSTILE_TEXTS)
+    path = export_path(_export(campaign, "csv"))
+
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert frame.to_dict("records") == expected  # same rows, same cells
+    with path.open(newline="", encoding="utf-8") as f:
+        assert list(csv.DictReader(f)) == expected
+    cells = [cell for row in expected for cell in row.values()]
+    assert not any(cell.startswith(FORMULA_STARTS) for cell in cells)
+    # The documented escape: one leading quote, the original text after it.
+    originals = set(HOSTILE_TEXTS) | {"=cmd|calc"}
+    escaped = {cell[1:] for cell in cells if cell.startswith("'")}
+    assert {t for t in originals if t.startswith(FORMULA_STARTS)} <= escaped
+    assert "bare\rcarriage\rreturns" in cells  # kept inside its cell
+
+
+def test_jsonl_and_parquet_exports_carry_the_texts_unchanged():
+    campaign = _hostile_campaign("single_sided")
+    rows = [json.loads(line) for line in export_path(_export(campaign, "jsonl")).open()]
+    assert sorted(r["prompt"] for r in rows) == sorted(HOSTILE_TEXTS)
+    parquet = pd.read_parquet(export_path(_export(campaign, "parquet")))
+    assert sorted(parquet["comment"]) == sorted(HOSTILE_TEXTS)

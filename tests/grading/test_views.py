@@ -1,5 +1,6 @@
 """The access funnel and the pages, with personas: alice and bob (raters), carol (researcher)."""
 
+import html
 import json
 
 import pytest
@@ -224,3 +225,82 @@ def test_the_rater_api_hands_out_tasks_without_model_names_and_takes_labels(
     again = _api(client, submit_url, alice_token, {"choice": "right_better"})
     assert ok.status_code == 200 and again.json()["label"] == ok.json()["label"]
     assert Label.objects.get().level == "better"
+
+
+CAMPAIGN_FORM = {
+    "name": "Thresholds",
+    "kind": "side_by_side",
+    "guidelines": "",
+    "overlap": 3,
+    "gold_rate": 0.1,
+    "lease_seconds": 600,
+    "quota_per_rater": "",
+    "status": "open",
+    "aspects": "[]",
+}
+
+
+@pytest.mark.parametrize(
+    "thresholds, message",
+    [
+        ('{"bogus": 1}', "unknown threshold 'bogus'"),
+        ("[1, 2]", "thresholds must be a JSON object"),
+        ('"x"', "thresholds must be a JSON object"),
+        ("", "thresholds must be a JSON object"),
+        ("{not json", "not valid JSON"),
+        ('{"min_gold_accuracy": 2}', "between 0 and 1"),
+        ('{"min_gold_accuracy": "high"}', "must be a number"),
+        ('{"min_gold_accuracy": true}', "must be a number"),
+        ('{"min_labels_for_flags": 2.5}', "whole number"),
+        ('{"min_gold_accuracy": 1e400}', "not a finite number"),
+        ('{"min_gold_accuracy": NaN}', "not a finite number"),
+        ('{"a\\u0000": 1}', "NUL"),
+        ("[" * 1000 + "]" * 1000, "nested more than 32 levels"),
+    ],
+)
+def test_invalid_thresholds_are_a_form_error_not_a_500(login, carol, thresholds, message):
+    client = login(carol)
+    client.raise_request_exception = False
+    response = client.post(
+        reverse("grading:campaigns"), {**CAMPAIGN_FORM, "thresholds": thresholds}
+    )
+    assert response.status_code == 200 and not Campaign.objects.exists()
+    assert message in html.unescape(response.content.decode()), message
+
+
+def test_aspects_with_hostile_json_are_a_form_error(login, carol):
+    client = login(carol)
+    client.raise_request_exception = False
+    for aspects in ('[{"key": "a", "name": "\\u0000"}]', "[" * 100 + "]" * 100, "[1e400]"):
+        data = {**CAMPAIGN_FORM, "kind": "single_sided", "aspects": aspects, "thresholds": "{}"}
+        assert client.post(reverse("grading:campaigns"), data).status_code == 200
+    assert not Campaign.objects.exists()
+
+
+def test_valid_thresholds_are_saved_and_an_empty_object_keeps_the_defaults(login, carol):
+    client = login(carol)
+    data = {**CAMPAIGN_FORM, "thresholds": '{"min_labels_for_flags": 5, "min_gold_accuracy": 0.8}'}
+    assert client.post(reverse("grading:campaigns"), data).status_code == 302
+    assert Campaign.objects.get().thresholds == {
+        "min_labels_for_flags": 5,
+        "min_gold_accuracy": 0.8,
+    }
+    data = {**CAMPAIGN_FORM, "name": "Defaults", "thresholds": "{}"}
+    assert client.post(reverse("grading:campaigns"), data).status_code == 302
+
+
+@pytest.mark.parametrize("stored", [{"bogus": 1}, [1, 2], "x", {"min_gold_accuracy": "high"}])
+def test_the_dashboard_survives_thresholds_stored_before_they_were_checked(login, carol, stored):
+    campaign = make_campaign()
+    Campaign.objects.filter(pk=campaign.pk).update(thresholds=stored)
+    client = login(carol)
+    client.raise_request_exception = False
+    response = client.get(reverse("grading:campaign", args=[campaign.pk]))
+    assert response.status_code == 200
+    assert "thresholds are invalid" in response.content.decode()
+
+
+def test_the_admin_checks_thresholds_too(admin_user):
+    from grading.admin import CampaignAdmin
+
+    assert CampaignAdmin.form.__name__ == "CampaignForm"

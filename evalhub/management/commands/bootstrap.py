@@ -25,6 +25,11 @@ PERIODIC = [
     ("expire grading leases", "grading.leases_expire", 60),
     ("sweep stalled jobs", "evalhub.jobs_sweep", settings.JOB_HEARTBEAT_SECONDS),
 ]
+DEMO_NAMES = ("Arena-Hard v2.0 prompts (side by side)", "AlpacaEval instructions (single-sided)")
+OLD_DEMO_NAMES = (
+    "Arena-Hard v2.0: o3-mini vs gemini-2.0-flash",
+    "AlpacaEval: GPT-4 baseline answers",
+)
 # (name, task, "minute hour"): nightly evaluation of tracked models at 02:00 UTC.
 CRONTABS = [("nightly evaluation", "evalhub.nightly", "0 2")]
 
@@ -49,6 +54,7 @@ class Command(BaseCommand):
                 job_submit(kind="demo", params={"steps": 30, "delay": 0.5})
             if not no_demo and not Campaign.objects.exists():
                 self._demo_campaigns()
+            self._rename_old_demo_campaigns()
         if not no_models:
             self._smollm2()
         if password:
@@ -83,17 +89,18 @@ class Command(BaseCommand):
         self.stdout.write(f"registered model {model.name} ({model.n_params:,} parameters)")
 
     def _demo_campaigns(self) -> None:
-        """Two campaigns of real content: Arena-Hard pairs and AlpacaEval singles."""
+        """Two campaigns of real content: Arena-Hard pairs and AlpacaEval singles. Their names
+        and guidelines, which raters see, name no model: grading stays blind."""
         demos = [
             (
-                "Arena-Hard v2.0: o3-mini vs gemini-2.0-flash",
+                DEMO_NAMES[0],
                 SIDE_BY_SIDE,
                 arena_hard_pairs(200),
                 "Read the prompt, then both answers. Prefer the answer that is **correct**, "
                 "**helpful** and **follows the instructions**; length alone is no merit.",
             ),
             (
-                "AlpacaEval: GPT-4 baseline answers",
+                DEMO_NAMES[1],
                 SINGLE_SIDED,
                 alpaca_eval_singles(200),
                 "Grade the answer on each aspect from 1 to 5 using the anchors; "
@@ -107,6 +114,12 @@ class Command(BaseCommand):
             data = "\n".join(json.dumps(row) for row in rows).encode()
             count = campaign_import(campaign=campaign, data=data, filename="demo.jsonl")
             self.stdout.write(f"demo campaign {name!r}: {count} items")
+
+    def _rename_old_demo_campaigns(self) -> None:
+        """Installs bootstrapped before issue 14 named models in the demo campaigns' names."""
+        for old, new in zip(OLD_DEMO_NAMES, DEMO_NAMES, strict=True):
+            if not Campaign.objects.filter(name=new).exists():
+                Campaign.objects.filter(name=old).update(name=new)
 
     def _admin(self, username: str) -> str | None:
         User = get_user_model()
