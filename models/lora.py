@@ -330,9 +330,10 @@ Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]
 
 def adapter_factors(model: AFM, path: str | os.PathLike) -> tuple[Factors, float]:
     """The PEFT-layout adapter at ``path`` as fused factors per site of ``model`` (sites it
-    leaves out are absent), and its dropout. Hugging Face modules of one fused projection
-    that share A and scale keep their rank; others become the block-diagonal fusion of the
-    module docstring (scale 1). ValueError for an adapter on modules ``model`` lacks."""
+    leaves out are absent; fresh tensors, none shared between sites), and its dropout.
+    Hugging Face modules of one fused projection that share A and scale keep their rank;
+    others become the block-diagonal fusion of the module docstring (scale 1). ValueError
+    for an adapter on modules ``model`` lacks."""
     src = Path(path)
     config = json.loads((src / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
@@ -413,9 +414,9 @@ def _fuse(
 # ------------------------------------------------------------ many adapters on one base
 class RowDeltas:
     """One projection's low-rank updates for the rows of a batch (dim 0 of its input): row i
-    gets (x_i Aᵢᵀ) Bᵢᵀ, the scale folded into Bᵢ, or nothing for None. One adapter for every
-    row works on any layout (the flat one included); different ones need one input row per
-    batch row.
+    gets (x_i Aᵢᵀ) Bᵢᵀ, the scale folded into the factors, or nothing for None. One adapter
+    for every row works on any layout (the flat one included); different ones need one
+    input row per batch row.
 
     strategy "group": one pair of matmuls per distinct adapter over its rows' inputs, added
     back by index (``index_add_``); "gather": every row's factors stacked, zero-padded to the

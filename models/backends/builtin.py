@@ -15,7 +15,7 @@ from models.backends.base import GenerationArgs, TokenBackend
 from models.checkpoint import default_device, load_checkpoint, read_config
 from models.draft import Int4Draft
 from models.generate import Draft, generate
-from models.lora import routed
+from models.lora import LoRALinear, routed
 from models.prefix import PrefixScorer
 from models.tokenizer import load_tokenizer
 
@@ -46,8 +46,12 @@ class BuiltinBackend(TokenBackend):
         never different tokens.
     adapter_cache: where adapters are kept once loaded (the process's ``AdapterCache``); by
         default one of this backend's own.
-    mixed: how a batch mixing adapters adds their updates, "group" or "gather"
-        (``models.lora.RowDeltas``; benchmarks/adapter_swap.py measures both).
+    mixed: how a batch mixing adapters adds their updates (``models.lora.RowDeltas``):
+        "gather" (per-row factors, two batched matmuls a projection) or "group" (a matmul
+        pair per distinct adapter). A decoding step of 8 rows with 8 adapters costs group
+        ~40 small ops a projection against gather's ~6, and gather measured faster in
+        benchmarks/adapter_swap.py (see its output), for one copy of each row's factors
+        per call (8 rank-16 SmolLM2 adapters: 124 MB while the batch runs).
     """
 
     def __init__(
@@ -62,7 +66,7 @@ class BuiltinBackend(TokenBackend):
         device: str | torch.device | None = None,
         adapter: str | os.PathLike | None = None,
         adapter_cache: AdapterCache | None = None,
-        mixed: str = "group",
+        mixed: str = "gather",
     ):
         if draft not in (None, "int4"):
             raise ValueError(f"unknown draft {draft!r}; known: 'int4' or None")
@@ -77,7 +81,7 @@ class BuiltinBackend(TokenBackend):
         self.adapters = adapter_cache if adapter_cache is not None else AdapterCache()
         self.mixed = mixed
         self._slots_lock = threading.Lock()
-        self._slots = False
+        self._wrappers: list[LoRALinear] | None = None  # install_slots's, once
         self._scored_with: str | None = None  # the adapter of the scorer's stored prefix
         if self.adapter is not None:
             self.adapters.adapter(self.model, self.adapter)  # fail now on a bad adapter
@@ -104,16 +108,16 @@ class BuiltinBackend(TokenBackend):
         for the base) on prompt i; default: the backend's ``adapter`` everywhere."""
         return self._generate_text(prompts, args, adapters=adapters)
 
-    def _routing(self, per_row: Sequence[str | os.PathLike | None]):
+    def routing(self, per_row: Sequence[str | os.PathLike | None]):
         """The ``routed`` context for rows asking for these adapters; none without any."""
         if all(a is None for a in per_row):
             return contextlib.nullcontext()
         with self._slots_lock:
-            if not self._slots:  # the first adapter this base serves
-                install_slots(self.model)
-                self._slots = True
+            if self._wrappers is None:  # the first adapter this base serves
+                self._wrappers = install_slots(self.model)
         loaded = {a: self.adapters.adapter(self.model, a) for a in set(per_row) if a is not None}
-        table = routes(self.model, [loaded.get(a) if a else None for a in per_row], self.mixed)
+        per_row_loaded = [loaded.get(a) if a else None for a in per_row]
+        table = routes(self._wrappers, per_row_loaded, self.mixed)
         return routed(table)
 
     def _generate_ids(self, prompts, args: GenerationArgs, should_stop, adapters=None):
@@ -132,7 +136,7 @@ class BuiltinBackend(TokenBackend):
 
             per_row = [adapters[i] for i in idx]
             batch = [prompts[i] for i in idx]
-            with self._routing(per_row):
+            with self.routing(per_row):
                 outs = self._generate_batch(batch, args, row_stop if should_stop else None, per_row)
             for i, out in zip(idx, outs, strict=True):
                 results[i] = out
@@ -160,7 +164,7 @@ class BuiltinBackend(TokenBackend):
     def _score(self, pairs, adapter: str | None):
         if adapter != self._scored_with:  # a stored prefix is only valid for its adapter
             self.scorer.last, self._scored_with = None, adapter
-        with self._routing([adapter]):
+        with self.routing([adapter]):
             return self.scorer.loglikelihood(pairs)
 
     def info(self) -> dict:

@@ -13,7 +13,15 @@ import torch
 
 from models.adapters import AdapterCache, install_slots, read_adapter, routes
 from models.afm import AFM, config_from_preset
-from models.lora import RowDeltas, apply_lora, load_adapter, lora_parameters, routed, save_adapter
+from models.lora import (
+    RowDeltas,
+    apply_lora,
+    load_adapter,
+    lora_parameters,
+    routed,
+    save_adapter,
+    sites,
+)
 
 TOKENS = torch.tensor(
     [[5, 17, 99, 3, 42, 7], [1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4], [11, 12, 13, 14, 15, 16]]
@@ -94,11 +102,11 @@ def test_a_rewritten_adapter_is_read_again(adapters, tmp_path):
 @pytest.mark.parametrize("strategy", ["group", "gather"])
 def test_a_batch_mixing_adapters_equals_each_adapter_run_alone(adapters, strategy):
     model = base_model()
-    install_slots(model)
+    wrappers = install_slots(model)
     cache = AdapterCache()
     a, b, c = (cache.adapter(model, p) for p in adapters)
     per_row = [a, None, c, b]
-    with torch.no_grad(), routed(routes(model, per_row, strategy)):
+    with torch.no_grad(), routed(routes(wrappers, per_row, strategy)):
         mixed = model(TOKENS)
     for row, path in enumerate([adapters[0], None, adapters[2], adapters[1]]):
         torch.testing.assert_close(mixed[row], alone(path)[row], rtol=1e-5, atol=1e-5)
@@ -129,11 +137,11 @@ def test_one_step_rows_and_a_slice_of_outputs_get_their_own_update():
 def test_swapping_adapters_on_one_base_leaves_nothing_behind(adapters):
     model = base_model()
     weights = [p.data_ptr() for p in model.parameters()]
-    install_slots(model)
+    wrappers = install_slots(model)
     cache = AdapterCache()
     for path in [adapters[0], adapters[1], None, adapters[0], adapters[2], None]:
         adapter = cache.adapter(model, path) if path else None
-        with torch.no_grad(), routed(routes(model, [adapter] * len(TOKENS))):
+        with torch.no_grad(), routed(routes(wrappers, [adapter] * len(TOKENS))):
             torch.testing.assert_close(model(TOKENS), alone(path), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS), alone(None), rtol=0, atol=0)
@@ -143,7 +151,7 @@ def test_swapping_adapters_on_one_base_leaves_nothing_behind(adapters):
 
 def test_routing_applies_only_in_the_thread_that_asked(adapters):
     model = base_model()
-    install_slots(model)
+    wrappers = install_slots(model)
     adapter = AdapterCache().adapter(model, adapters[0])
     seen = {}
 
@@ -151,7 +159,7 @@ def test_routing_applies_only_in_the_thread_that_asked(adapters):
         with torch.no_grad():
             seen["logits"] = model(TOKENS)
 
-    with torch.no_grad(), routed(routes(model, [adapter] * len(TOKENS))):
+    with torch.no_grad(), routed(routes(wrappers, [adapter] * len(TOKENS))):
         thread = threading.Thread(target=other_thread)
         thread.start()
         thread.join()
@@ -164,9 +172,10 @@ def test_routing_replaces_a_trained_adapter_and_a_slot_alone_is_the_base(adapter
     model = base_model()
     trained = copy.deepcopy(model)
     load_adapter(trained, adapters[1])
-    install_slots(trained)  # nothing to add: every site already has a wrapper
+    wrappers = install_slots(trained)  # nothing to add: every site already has a wrapper
+    assert wrappers == [getattr(o, n) for _, n, o in sites(trained)]
     adapter = AdapterCache().adapter(trained, adapters[0])
-    with torch.no_grad(), routed(routes(trained, [adapter] * len(TOKENS))):
+    with torch.no_grad(), routed(routes(wrappers, [adapter] * len(TOKENS))):
         torch.testing.assert_close(trained(TOKENS), alone(adapters[0]), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(trained(TOKENS), alone(adapters[1]), rtol=1e-5, atol=1e-5)
