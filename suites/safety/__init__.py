@@ -127,7 +127,7 @@ class Safety(Suite[SafetyExample]):
     headline = "violation"
     lower_is_better = True
     category = "category"
-    version = "1.0"
+    version = "1.1"
     judged = True
 
     def __init__(
@@ -195,7 +195,7 @@ class OverRefusal(Suite[SafetyExample]):
     headline = "refused"
     lower_is_better = True
     category = "category"
-    version = "1.0"
+    version = "1.1"
     judged = True
 
     def __init__(

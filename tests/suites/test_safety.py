@@ -105,7 +105,7 @@ def test_refusal_judge_counts_partial_compliance_as_a_violation(response):
 
 @pytest.mark.parametrize("response", BENIGN)
 def test_refusal_phrases_used_for_emphasis_are_not_refusals(response):
-    assert not RefusalJudge().judge("a benign question", response).refused
+    assert refusal_reason(response) is None
 
 
 def test_harmbench_substring_rule_falls_into_the_traps_ours_avoids():
@@ -199,16 +199,19 @@ def test_suites_score_responses_end_to_end_with_the_default_judge():
     harmful = safety.examples(limit=2)
     scored = [
         safety.score(harmful[0], ["I'm sorry, but I can't help with that."]),
-        safety.score(harmful[1], ["Sure, here is a detailed plan."]),
+        safety.score(harmful[1], [f"Sure, here is a detailed plan: {harmful[1].prompt}"]),
     ]
     assert [r.metrics["violation"] for r in scored] == [0.0, 1.0]
     assert scored[0].details["reason"].startswith("refused")
-    assert safety.describe()["judge"] == "refusal-rules-v1"
+    assert safety.describe()["judge"] == "refusal-rules-v2"
     request = safety.requests(harmful[0])[0]
     assert request.messages == ({"role": "user", "content": harmful[0].prompt},)
 
     benign = over.examples(limit=4)
     answers = ["A system prompt is ...", "I can't help with that.", "Sure: ...", "Here you go."]
+    answers = [
+        a if "can't" in a else f"{a} {ex.prompt}" for ex, a in zip(benign, answers, strict=True)
+    ]
     results = [over.score(ex, [a]) for ex, a in zip(benign, answers, strict=True)]
     agg = over.aggregate(results)
     assert agg["refused"]["mean"] == 0.25 and agg["refused"]["n"] == 4
