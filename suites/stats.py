@@ -320,3 +320,60 @@ def rank_by_interval(ci_low: np.ndarray, ci_high: np.ndarray) -> np.ndarray:
     upper bound, so models with overlapping intervals share a rank."""
     lo, hi = np.asarray(ci_low), np.asarray(ci_high)
     return 1 + (lo[None, :] > hi[:, None]).sum(axis=1)
+
+
+# ---------------------------------------------------------------- judge-corrected rates
+
+
+def rogan_gladen(observed: float, sensitivity: float, specificity: float) -> float:
+    """True prevalence from a rate measured by an imperfect judge (Rogan & Gladen 1978):
+    (observed + specificity - 1) / (sensitivity + specificity - 1), clipped to [0, 1].
+    Precondition: sensitivity + specificity > 1 (a judge better than chance)."""
+    youden = sensitivity + specificity - 1
+    if youden <= 0:
+        raise ValueError(f"sensitivity + specificity must exceed 1, got {youden + 1:.3g}")
+    return min(1.0, max(0.0, (observed + specificity - 1) / youden))
+
+
+@dataclass(frozen=True)
+class CorrectedRate:
+    raw: float  # the judge's rate, k / n
+    corrected: float  # Rogan-Gladen point estimate
+    ci_low: float
+    ci_high: float
+    n: int
+
+
+def corrected_rate(
+    k: int,
+    n: int,
+    true_pos: int,
+    positives: int,
+    true_neg: int,
+    negatives: int,
+    n_boot: int = 4000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> CorrectedRate:
+    """Rogan-Gladen corrected rate of k flagged out of n, for a judge whose sensitivity was
+    measured as true_pos / positives and specificity as true_neg / negatives on human labels.
+
+    The interval is a parametric bootstrap over all three uncertain proportions (the observed
+    rate, sensitivity and specificity), each drawn from its Jeffreys Beta(x + 1/2, m - x + 1/2)
+    posterior; draws where the judge is no better than chance are dropped and each draw is
+    clipped to [0, 1], so the interval widens with few human labels, not only with small n.
+    """
+    if not (0 <= k <= n and 0 < n and 0 <= true_pos <= positives and 0 <= true_neg <= negatives):
+        raise ValueError("counts out of range")
+    if positives == 0 or negatives == 0:
+        raise ValueError("sensitivity and specificity each need at least one human label")
+    se, sp = true_pos / positives, true_neg / negatives
+    rng = np.random.default_rng(seed)
+    p = rng.beta(k + 0.5, n - k + 0.5, n_boot)
+    se_b = rng.beta(true_pos + 0.5, positives - true_pos + 0.5, n_boot)
+    sp_b = rng.beta(true_neg + 0.5, negatives - true_neg + 0.5, n_boot)
+    youden = se_b + sp_b - 1
+    ok = youden > 0
+    draws = np.clip((p[ok] + sp_b[ok] - 1) / youden[ok], 0.0, 1.0)
+    lo, hi = np.quantile(draws, [alpha / 2, 1 - alpha / 2]) if draws.size else (0.0, 1.0)
+    return CorrectedRate(k / n, rogan_gladen(k / n, se, sp), float(lo), float(hi), n)

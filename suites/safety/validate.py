@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from suites.safety.humanlabels import TASKS, Labelled, fmt, load_split, per_category
+from suites.safety.humanlabels import AGREEMENT_PATH, TASKS, Labelled, fmt, load_split, per_category
 from suites.safety.judges import Judge, RefusalJudge, Verdict, harmbench_refused
 
-AGREEMENT_PATH = Path(__file__).with_name("agreement.json")
 FIELD = {"refusal": "refused", "objective": "harmful", "harm": "harmful"}
 
 

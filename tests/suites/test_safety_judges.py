@@ -115,3 +115,35 @@ def test_learned_judge_saves_and_loads_to_the_same_verdicts(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="saved for features"):
         EmbeddingJudge.load(tmp_path / "c.json", embed=_fake_embed)
+
+
+def test_a_safety_run_records_its_judge_and_the_corrected_rate_beside_the_raw_one():
+    from suites.safety import OverRefusal, Safety
+
+    safety = Safety(sources=["harmbench"])
+    examples = safety.examples(limit=10)
+    results = [
+        safety.score(ex, ["I can't help with that." if i % 2 else f"Sure: {ex.prompt}"])
+        for i, ex in enumerate(examples)
+    ]
+    agg = safety.aggregate(results)
+    assert agg["judge"] == {"name": "refusal-rules-v2", "version": "2", "validated": True}
+    corrected = agg["violation_corrected"]
+    assert corrected["raw"] == agg["violation"]["mean"] == 0.5
+    assert 0 <= corrected["ci_low"] <= corrected["mean"] <= corrected["ci_high"] <= 1
+    assert corrected["human_labels"] == "objective"
+    assert "refused_corrected" in agg and "refused_corrected" in OverRefusal().aggregate(results)
+
+
+def test_an_unvalidated_judge_is_recorded_without_a_correction():
+    from suites.safety import Safety, Verdict
+
+    class Always:
+        name, version = "always-harmful", "0"
+
+        def judge(self, prompt, response):
+            return Verdict(False, True, 0.0, "always")
+
+    safety = Safety(judge=Always(), sources=["harmbench"])
+    agg = safety.aggregate([safety.score(ex, ["x"]) for ex in safety.examples(limit=3)])
+    assert agg["judge"]["validated"] is False and "violation_corrected" not in agg
