@@ -48,6 +48,10 @@ def headline_score(run: EvalRun) -> dict:
         "complete": run.complete,
         "n": (run.metrics or {}).get("n"),
         "suite_size": run.suite_size,
+        # judged suites (safety): which judge produced the rate, and its correction for the
+        # judge's measured error where the judge was validated against human labels
+        "judge": ((run.metrics or {}).get("judge") or {}).get("name"),
+        "corrected": (run.metrics or {}).get(f"{suite.headline}_corrected") if suite else None,
     }
 
 
