@@ -1,7 +1,7 @@
 """Adapter swapping and mixed-adapter batches: EvalHub's adapter cache and per-row routing
 (``models.adapters``) against PEFT 0.21's ``set_adapter`` / ``load_adapter`` /
 ``hotswap_adapter`` on the Hugging Face version of the same model, SmolLM2-135M-Instruct
-(fp32, CPU, 2 threads), with the same eight rank-16 adapters on every attention and
+(fp32, CPU, one thread: see below), with the same eight rank-16 adapters on every attention and
 feed-forward projection (saved once by ``models.lora.save_adapter``, loaded by both).
 
 Swap latency: the time from "this request wants adapter k" to a model ready to run it, k
@@ -10,7 +10,7 @@ cycling over the eight so every swap changes adapter:
 - ours, from cache: ``AdapterCache.adapter`` (a hit) and the routing table for a batch of 8
   rows (``models.adapters.routes`` + entering ``models.lora.routed``); the base is never
   touched, so the swap is per request and concurrent requests may use different adapters;
-- ours, from disk: the same after clearing the cache (safetensors read, fused, scale folded);
+- ours, from disk: the same from an empty cache (safetensors read, fused, scale folded);
 - PEFT ``set_adapter`` (all eight already injected into the model: the in-memory peer),
   ``load_adapter`` (inject a new adapter from disk; the previous one is deleted first so the
   model holds a constant number), ``hotswap_adapter`` (copy a file's weights into the loaded
@@ -29,7 +29,13 @@ the shared chat-template prefix once (rows differ in their adapter). PEFT runs t
 ours (b)/(a) with the backend's default strategy ("gather"); ``identical`` says whether every mixed
 row's tokens equal that adapter's own in a one-adapter batch (ours) and PEFT's tokens.
 
-    .venv/bin/python benchmarks/adapter_swap.py [--rounds 8] [--new-tokens 32] [--repeats 2]
+One thread by default (``--threads``), as rl_speed.py: on the shared 2-core machine, with the
+other core busy, every op that torch splits over 2 threads waits for the descheduled second
+one, ~5-8 ms a time (an (8×16)·(16×3072) product: 17 µs on one thread, 6.5 ms on two at load
+2), so two-thread figures count parallel regions more than work: a first run at load ~5 had
+one-adapter decoding at 6 tokens/s against 98 for the base and 67 for eight adapters.
+
+    .venv/bin/python benchmarks/adapter_swap.py [--rounds 6] [--new-tokens 16] [--repeats 2]
 
 The last line is machine-readable:
     swap_p50_ms=… swap_p99_ms=… speedup_vs_peft=… mixed_batch_ratio=…
@@ -113,10 +119,9 @@ def swap_latencies(backend, paths, peft_model, rounds: int, per_round: int, disk
         k: [] for k in ("ours cache", "ours disk", "peft set", "peft load", "peft hotswap")
     }
 
-    def ours(path: str, clear: bool) -> None:
-        if clear:
-            cache.clear()
-        with routed(routes(wrappers, [cache.adapter(model, path)] * rows)):
+    def ours(path: str, from_disk: bool) -> None:
+        source = AdapterCache() if from_disk else cache  # a fresh one: nothing in memory
+        with routed(routes(wrappers, [source.adapter(model, path)] * rows)):
             pass
 
     def peft_load(k: int) -> None:
@@ -130,12 +135,12 @@ def swap_latencies(backend, paths, peft_model, rounds: int, per_round: int, disk
         for _ in range(per_round):
             turn += 1
             k = turn % N_ADAPTERS
-            times["ours cache"].append(timed(lambda k=k: ours(paths[k], clear=False)))
+            times["ours cache"].append(timed(lambda k=k: ours(paths[k], from_disk=False)))
             times["peft set"].append(timed(lambda k=k: peft_model.set_adapter(f"a{k}")))
         for _ in range(disk_per_round):
             turn += 1
             k = turn % N_ADAPTERS
-            times["ours disk"].append(timed(lambda k=k: ours(paths[k], clear=True)))
+            times["ours disk"].append(timed(lambda k=k: ours(paths[k], from_disk=True)))
             times["peft load"].append(timed(lambda k=k: peft_load(k)))
             times["peft hotswap"].append(
                 timed(lambda k=k: hotswap_adapter(peft_model, paths[k], adapter_name="a0"))
@@ -209,14 +214,16 @@ def mixed_batches(backend, paths, peft_model, tokenizer, new_tokens: int, repeat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--swaps-per-round", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--swaps-per-round", type=int, default=20)
     parser.add_argument("--disk-per-round", type=int, default=2)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    start = time.perf_counter()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
     import peft
@@ -238,12 +245,15 @@ def main() -> None:
             peft_model.load_adapter(paths[k], adapter_name=f"a{k}")
         peft_model.eval()
 
+        print(f"set up in {time.perf_counter() - start:.0f} s", flush=True)
         times = swap_latencies(
             backend, paths, peft_model, args.rounds, args.swaps_per_round, args.disk_per_round
         )
+        print(f"swaps done at {time.perf_counter() - start:.0f} s", flush=True)
         rate, tokens = mixed_batches(
             backend, paths, peft_model, tokenizer, args.new_tokens, args.repeats
         )
+    print(f"mixed batches done at {time.perf_counter() - start:.0f} s")
     for name, values in times.items():
         print(
             f"swap {name:13s} p50 {statistics.median(values):8.3f} ms  "

@@ -431,13 +431,17 @@ class RowDeltas:
         if strategy not in ("group", "gather"):
             raise ValueError(f"unknown strategy {strategy!r}; known: 'group', 'gather'")
         self.n_rows, self.strategy = len(per_row), strategy
+        self.single = per_row[0] if all(f is per_row[0] for f in per_row) else None
+        if self.single is not None:  # the common case, one adapter a request: nothing to plan
+            return
         distinct: dict[int, tuple[tuple[torch.Tensor, torch.Tensor], list[int]]] = {}
         for i, f in enumerate(per_row):
             if f is not None:
                 distinct.setdefault(id(f[0]), (f, []))[1].append(i)
-        self.single = None
+        if not distinct:
+            raise ValueError("no row has an update (routes gives such a projection None)")
         if len(distinct) == 1 and all(f is not None for f in per_row):
-            self.single = next(iter(distinct.values()))[0]
+            self.single = next(iter(distinct.values()))[0]  # equal factors, other tuples
             return
         device = next(iter(distinct.values()))[0][0].device
         self.groups = [
@@ -455,11 +459,16 @@ class RowDeltas:
 
     def add(self, x: torch.Tensor, y: torch.Tensor, rows: slice | None) -> torch.Tensor:
         """y (the base's output for x, any dtype) plus each row's update; y may be updated
-        in place (it is the base's fresh output)."""
+        in place (it is the base's fresh output). The add is fused into the second matmul
+        (``addmm`` / ``baddbmm``) where y has the factors' dtype."""
         if self.single is not None:
             A, B = self.single
             B = B if rows is None else B[rows]
-            return y + F.linear(F.linear(x.to(A.dtype), A), B).to(y.dtype)
+            h = F.linear(x.to(A.dtype), A)  # (..., r)
+            if y.dtype != h.dtype:  # the int4 kernel answers in bf16
+                return y + F.linear(h, B).to(y.dtype)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t())
+            return out.view(y.shape)
         if x.shape[0] != self.n_rows:
             raise ValueError(
                 f"a batch mixing adapters needs one input row per batch row ({self.n_rows}), "
@@ -469,8 +478,10 @@ class RowDeltas:
             A_rows = self.A_rows.to(x.device)
             B_rows = self.B_rows if rows is None else self.B_rows[:, rows]
             h = torch.bmm(x.reshape(self.n_rows, -1, x.shape[-1]).to(A_rows.dtype), A_rows.mT)
-            d = torch.bmm(h, B_rows.mT)  # (n, tokens, out)
-            return y + d.view(y.shape).to(y.dtype)
+            if y.dtype != h.dtype:
+                return y + torch.bmm(h, B_rows.mT).view(y.shape).to(y.dtype)
+            y3 = y.reshape(self.n_rows, -1, y.shape[-1])  # (n, tokens, out)
+            return torch.baddbmm(y3, h, B_rows.mT).view(y.shape)
         for idx, A, B in self.groups:
             B = B if rows is None else B[rows]
             d = F.linear(F.linear(x.index_select(0, idx).to(A.dtype), A), B)

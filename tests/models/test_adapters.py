@@ -130,6 +130,8 @@ def test_one_step_rows_and_a_slice_of_outputs_get_their_own_update():
             ]
         )
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    single = RowDeltas([f2] * 3).add(x, y[:, rows].clone(), rows)  # one adapter: addmm
+    torch.testing.assert_close(single, y[:, rows] + x @ f2[0].T @ f2[1][rows].T)
     with pytest.raises(ValueError, match="one input row per batch row"):
         RowDeltas([f1, f2, None]).add(x[:1], y[:1], None)
 

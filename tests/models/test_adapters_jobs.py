@@ -203,10 +203,14 @@ def test_a_task_adapter_starts_from_the_recovery_adapter_and_shares_its_base(bas
 
 
 def _alone(version: ModelVersion):
-    """The adapter on a model loaded for it alone, outside the process's caches."""
+    """The adapter put on a model loaded for it alone (``load_adapter``: its own wrappers, no
+    routing, no shared caches): the reference for the shared base's per-call swaps."""
     from models.backends.builtin import BuiltinBackend
+    from models.lora import load_adapter
 
-    return BuiltinBackend(version.location, adapter=version.params["adapter"], draft=None)
+    backend = BuiltinBackend(version.location, draft=None)
+    load_adapter(backend.model, version.params["adapter"])
+    return backend
 
 
 def test_a_generation_job_serves_two_adapters_and_their_base_from_one_copy(base, campaign):  # noqa: F811
