@@ -58,9 +58,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.afm import AFM  # noqa: E402
 from models.checkpoint import import_checkpoint, load_checkpoint, save_palettized  # noqa: E402
+from models.compress import calibrate  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.linear import Linear  # noqa: E402
-from models.palettize import Calibration, palettize_model, scheme  # noqa: E402
+from models.palettize import palettize_model, scheme  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -122,23 +123,11 @@ def evaluate(
 def ours(
     ckpt: Path, calib: list[tuple[list[int], int]], gradients: bool
 ) -> tuple[AFM, list, float]:
-    """Calibrate (a forward and backward pass of the next-token loss per sequence; only the
-    embedding asks for a gradient, so that activations get theirs and no weight gradient is
-    computed), then palettize."""
+    """Calibrate (``models.compress.calibrate``: a forward and, with ``gradients``, a
+    backward pass of the next-token loss per sequence), then palettize."""
     model = load_checkpoint(ckpt)
     start = time.perf_counter()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.tok_emb.weight.requires_grad_(gradients)
-    with Calibration.of(model) as calibration, torch.set_grad_enabled(gradients):
-        for tokens, _ in calib:
-            ids = torch.tensor([tokens])
-            if gradients:
-                F.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).backward()
-            else:
-                model.trunk(ids)
-    model.tok_emb.weight.requires_grad_(False)
-    model.tok_emb.weight.grad = None
+    calibration = calibrate(model, [torch.tensor([t]) for t, _ in calib], gradients=gradients)
     reports = palettize_model(model, calibration=calibration)
     return model, reports, time.perf_counter() - start
 

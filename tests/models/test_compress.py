@@ -257,3 +257,15 @@ def test_distribution_gap_counts_only_marked_tokens_as_the_quality_benchmark(tin
     torch.testing.assert_close(gap["ppl_original"], float((-ref.gather(1, target).mean()).exp()))
     same = distribution_gap(original, original, [(ids, mask)])
     assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1"] == 1.0
+
+
+def test_calibration_records_the_fisher_and_leaves_the_model_as_it_was(tiny_model):
+    tiny_model.blocks[0].attn.wqkv.weight.requires_grad_(False)  # a caller's own choice
+    wanted = {n: p.requires_grad for n, p in tiny_model.named_parameters()}
+    calibration = calibrate(tiny_model, [_ids(0, rows=1), _ids(1, rows=1)])
+    fisher = calibration.fisher("blocks.0.mlp.w2")
+    w = tiny_model.blocks[0].mlp.w2.effective_weight()
+    assert fisher is not None and fisher.shape == w.shape and bool((fisher > 0).all())
+    assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == wanted
+    assert all(p.grad is None for p in tiny_model.parameters())
+    assert calibrate(tiny_model, [_ids(0, rows=1)], gradients=False).fisher("lm_head") is None
