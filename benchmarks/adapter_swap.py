@@ -58,25 +58,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.generate_speed import GGUF_NAME, NEVER, QUESTIONS  # noqa: E402
 from models.adapters import AdapterCache, install_slots, routes  # noqa: E402
 from models.backends.builtin import BuiltinBackend  # noqa: E402
 from models.checkpoint import import_checkpoint, load_checkpoint  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.lora import apply_lora, routed, save_adapter  # noqa: E402
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NEVER = 49_151  # the last, rarest vocabulary entry: the "stop token" of fixed-length decoding
 N_ADAPTERS, RANK = 8, 16  # AFM's adapters are rank 16 (arXiv:2407.21075 §5)
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about autumn leaves.",
-    "Explain in two sentences why the sky is blue.",
-    "List three prime numbers greater than 50.",
-    "Give me a short recipe for pancakes.",
-    "Translate 'good morning, my friend' into Spanish.",
-    "What does a compiler do? Keep it brief.",
-    "Summarise the plot of Romeo and Juliet.",
-]
 
 
 def make_adapters(ckpt: Path, root: Path) -> list[str]:

@@ -16,6 +16,17 @@ from models.backends.streaming import stream_text
 from suites import REGISTRY
 
 
+def suites_field(help_text: str) -> forms.MultipleChoiceField:
+    """The suites queued on a job's result (every form that makes a model has one)."""
+    return forms.MultipleChoiceField(
+        choices=[(name, name) for name in sorted(REGISTRY)],
+        initial=["ifeval", "gsm8k", "mmlu"],
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text=help_text,
+    )
+
+
 class RegisterForm(forms.ModelForm):
     class Meta:
         model = ModelVersion
@@ -78,13 +89,7 @@ class PosttrainForm(forms.Form):
         required=False,
         help_text="RL: added to IFEval's checkers on constrained AlpacaEval prompts",
     )
-    suites = forms.MultipleChoiceField(
-        choices=[(name, name) for name in sorted(REGISTRY)],
-        initial=["ifeval", "gsm8k", "mmlu"],
-        required=False,
-        widget=forms.CheckboxSelectMultiple,
-        help_text="queued on the result",
-    )
+    suites = suites_field("queued on the result")
 
     def clean(self):
         data = super().clean()
@@ -146,13 +151,7 @@ class CompressForm(forms.Form):
         min_value=1, max_value=400, initial=16, label="Calibration sequences"
     )
     name = forms.SlugField(max_length=100, required=False, help_text="default: derived")
-    suites = forms.MultipleChoiceField(
-        choices=[(name, name) for name in sorted(REGISTRY)],
-        initial=["ifeval", "gsm8k", "mmlu"],
-        required=False,
-        widget=forms.CheckboxSelectMultiple,
-        help_text="queued on the result",
-    )
+    suites = suites_field("queued on the result")
 
     def params(self, model: ModelVersion) -> dict:
         data = {k: v for k, v in self.cleaned_data.items() if v != ""}
@@ -203,13 +202,7 @@ class TaskAdapterForm(forms.Form):
     batch_size = forms.IntegerField(min_value=1, max_value=1024, initial=4)
     max_steps = forms.IntegerField(min_value=1, required=False)
     name = forms.SlugField(max_length=100, required=False, help_text="default: derived")
-    suites = forms.MultipleChoiceField(
-        choices=[(name, name) for name in sorted(REGISTRY)],
-        initial=["ifeval", "gsm8k", "mmlu"],
-        required=False,
-        widget=forms.CheckboxSelectMultiple,
-        help_text="queued on the adapter",
-    )
+    suites = suites_field("queued on the adapter")
 
     def clean(self):
         data = super().clean()
