@@ -6,7 +6,7 @@ from django.urls import reverse
 
 from core.jobs import KINDS, execute
 from core.models import Job
-from evalhub.evaluation import compare_runs, regressions
+from evalhub.evaluation import build_suite, compare_runs, regressions, run_sample
 from evalhub.models import EvalRun, EvalSample, ModelVersion
 from grading.services import assignment_claim, assignment_submit
 from tests.factories import make_campaign, make_items
@@ -51,21 +51,18 @@ def test_an_mmlu_run_keeps_every_sample_and_a_reproducible_manifest(smol):
 
 def test_a_resumed_run_scores_only_missing_samples(smol):
     run = EvalRun.objects.create(model=smol, suite="mmlu", settings={"limit": 3, "batch_size": 2})
-    # the same limit and seed draw the same sample: one of its questions is already scored
-    first = EvalRun.objects.create(model=smol, suite="mmlu", settings={"limit": 3})
-    _execute(first)
-    kept = first.samples.order_by("example_id").first()
-    assert kept is not None
+    # one of the questions its limit and seed draw is already scored (a crashed attempt's)
+    kept = run_sample(run, build_suite(run))[0]
     EvalSample.objects.create(
         run=run,
-        example_id=kept.example_id,
+        example_id=kept.id,
         metrics={"acc": 1.0},
         details={"subject": "abstract_algebra", "marker": "kept"},
         passed=True,
     )
     _execute(run)
     assert run.samples.count() == 3
-    assert run.samples.get(example_id=kept.example_id).details.get("marker") == "kept"
+    assert run.samples.get(example_id=kept.id).details.get("marker") == "kept"
 
 
 def _synthetic_run(model, values, **kw):
