@@ -113,7 +113,8 @@ def _job_json(job: Job) -> dict:
     fields = ("id", "kind", "params", "status", "progress", "message", "result", "error")
     data = {name: getattr(job, name) for name in fields}
     data["attempts"] = job.attempts
-    for name in ("created_at", "started_at", "finished_at"):
+    data["stalled"] = job.is_stalled  # running, but its worker stopped beating
+    for name in ("created_at", "started_at", "finished_at", "heartbeat_at"):
         value = getattr(job, name)
         data[name] = value.isoformat() if value else None
     return data

@@ -246,3 +246,12 @@ def test_bootstrap_schedules_the_sweep_every_heartbeat_interval():
     sweep = PeriodicTask.objects.get(task="evalhub.jobs_sweep")
     assert sweep.interval.every == 15 and sweep.interval.period == "seconds"
     assert sweep.expire_seconds == 15  # a sweep no worker took in time is dropped
+
+
+def test_the_job_api_says_whether_a_job_is_stalled_and_when_it_last_beat(login, carol):
+    stalled, live = _running(120), _running(2)
+    client = login(carol)
+    for job, expected in ((stalled, True), (live, False)):
+        data = client.get(f"/api/jobs/{job.pk}/").json()
+        assert data["stalled"] is expected
+        assert data["heartbeat_at"] == job.heartbeat_at.isoformat()
