@@ -4,11 +4,12 @@ rows share the same quantization constants"); plain tensor functions, no modules
 that run on palettes and the conversion of a whole model are ``models.palettize``.
 
 ``kmeans_tables``: a weighted 1-D k-means per group of ``group_size`` output channels (rows),
-vectorised over every group at once (weighted-quantile initialisation, Lloyd iterations,
-empty clusters re-seeded at the worst-served point), weighted by per-input-column importance,
-the mean squared activation of that input on calibration text (the diagonal of the layer's
-Hessian; SqueezeLLM, Kim et al. 2023, arXiv:2306.07629, and coremltools' SKM weight k-means by
-a diagonal sensitivity the same way, theirs from squared gradients). ``assign_with_feedback``:
+vectorised over every group at once (weighted-quantile initialisation, Lloyd iterations on
+sorted points, then split/merge rounds that bring it within a few percent of the exact 1-D
+optimum), weighted by per-weight importance: the Fisher diagonal from calibration gradients
+(SqueezeLLM, Kim et al. 2023, arXiv:2306.07629, and coremltools' SKM weight k-means the same
+way), or without gradients the mean squared activation of each input column (the diagonal of
+the layer's Hessian). ``assign_with_feedback``:
 with the full input second moment H = E[x xᵀ], indices are chosen column by column and each
 column's rounding error is pushed onto the columns not yet chosen, as GPTQ does for a uniform
 grid (Frantar et al. 2022, arXiv:2210.17323; with codebooks, GPTVQ, van Baalen et al. 2024,
@@ -105,16 +106,6 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, -N % group_size)).reshape(-1, group_size * K)
 
 
-def _quantile_init(x: torch.Tensor, w: torch.Tensor, C: int) -> torch.Tensor:
-    """Centroids (G, C) at the weighted (c + 0.5)/C quantiles of each group's points (G, P):
-    deterministic, and already close to the 1-D k-means optimum for bell-shaped weights."""
-    order = x.argsort(dim=1)
-    xs, cum = x.gather(1, order), w.gather(1, order).cumsum(1)  # (G, P)
-    targets = (torch.arange(C, device=x.device) + 0.5) / C * cum[:, -1:]  # (G, C)
-    at = torch.searchsorted(cum, targets).clamp(max=x.shape[1] - 1)
-    return xs.gather(1, at)
-
-
 def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Nearest centroid (G, P) for points x (G, P), centroids sorted along dim 1 (G, C): a
     batched binary search among the midpoints (faster here than C-1 comparison passes or an
@@ -156,6 +147,14 @@ class _Sorted(NamedTuple):
         """Weighted squared error of points i..j-1 around their weighted mean."""
         w, s, q = self.sums(i, j)
         return (q - s * s / w.clamp(min=1e-300)).clamp(min=0)
+
+    def quantiles(self, C: int) -> torch.Tensor:
+        """Centroids (G, C) at the weighted (c + 0.5)/C quantiles of each group's points:
+        deterministic, and already close to the 1-D k-means optimum for bell-shaped weights."""
+        targets = (torch.arange(C, dtype=self.W.dtype) + 0.5) / C * self.W[:, -1:]  # (G, C)
+        # W[j] is the weight of the first j points: the point where it reaches a target
+        at = (torch.searchsorted(self.W, targets) - 1).clamp(0, self.x.shape[1] - 1)
+        return self.x.gather(1, at)
 
     def mean(self, i: torch.Tensor, j: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         w, s, _ = self.sums(i, j)
@@ -233,7 +232,7 @@ def kmeans_tables(
     x = _grouped(w.detach().float().cpu(), group_size)  # (G, P)
     weights = _grouped(imp, group_size)  # (G, P): padded rows weigh 0
     points = _Sorted.of(x, weights)
-    c = _lloyd(points, _quantile_init(x, weights, C).double(), iters)
+    c = _lloyd(points, points.quantiles(C), iters)
     c = _split_merge(points, c, rounds, iters)
     tables = c.to(TABLE_DTYPE).sort(dim=1).values
     indices = _assign(x, tables.float()).view(-1, K)[:N]  # (N, K)
