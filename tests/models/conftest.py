@@ -17,6 +17,19 @@ from models.afm import AFM, config_from_preset
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def save_tiny_checkpoint(path: Path, gguf: Path, **overrides) -> Path:
+    """A 2-layer decoder over SmolLM2's vocabulary (``config_from_preset("tiny", ...)`` with
+    ``overrides``), seeded, saved at ``path`` with SmolLM2's tokenizer from ``gguf``."""
+    from models.checkpoint import save_checkpoint
+    from models.tokenizer import Tokenizer
+
+    cfg = config_from_preset("tiny", vocab_size=49_152, **overrides)
+    model = AFM(cfg).init_weights(seed=0)
+    path = save_checkpoint(path, model.cfg, model.state_dict(), {"source": "random init for tests"})
+    Tokenizer.from_gguf(gguf).save(path)
+    return path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # The CI machine has two cores shared with other work (and pytest-xdist may run two

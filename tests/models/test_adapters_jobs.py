@@ -14,6 +14,7 @@ from core.jobs import KINDS, execute
 from core.models import ApiToken, Job
 from evalhub.models import EvalRun, ModelVersion
 from evalhub.registry import LOADED, backend_for
+from tests.models.conftest import save_tiny_checkpoint
 from tests.models.test_lora import _hf_llama
 from tests.models.test_posttrain_jobs import campaign  # noqa: F401
 
@@ -24,19 +25,8 @@ pytestmark = pytest.mark.django_db
 def llama_checkpoint(smollm2_gguf, tmp_path_factory):
     """A 2-layer plain Llama (no q/k norm, so transformers runs it too) over SmolLM2's
     vocabulary and tokenizer."""
-    from models.afm import AFM, config_from_preset
-    from models.checkpoint import save_checkpoint
-    from models.tokenizer import Tokenizer
-
-    model = AFM(config_from_preset("tiny", vocab_size=49_152, qk_norm=False)).init_weights(seed=0)
-    path = save_checkpoint(
-        tmp_path_factory.mktemp("adapters") / "tiny-llama",
-        model.cfg,
-        model.state_dict(),
-        {"source": "random init for tests"},
-    )
-    Tokenizer.from_gguf(smollm2_gguf).save(path)
-    return path
+    path = tmp_path_factory.mktemp("adapters") / "tiny-llama"
+    return save_tiny_checkpoint(path, smollm2_gguf, qk_norm=False)
 
 
 @pytest.fixture

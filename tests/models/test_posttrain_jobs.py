@@ -11,6 +11,7 @@ from evalhub.models import EvalRun, ModelVersion
 from grading.models import Item, Response
 from grading.services import assignment_claim, assignment_submit
 from tests.factories import UserFactory, make_campaign
+from tests.models.conftest import save_tiny_checkpoint
 
 pytestmark = pytest.mark.django_db
 
@@ -20,20 +21,8 @@ def tiny_checkpoint(smollm2_gguf, tmp_path_factory):
     """A 2-layer decoder over SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
     import torch
 
-    from models.afm import AFM, config_from_preset
-    from models.checkpoint import save_checkpoint
-    from models.tokenizer import Tokenizer
-
     torch.manual_seed(0)
-    model = AFM(config_from_preset("tiny", vocab_size=49_152)).init_weights(seed=0)
-    path = save_checkpoint(
-        tmp_path_factory.mktemp("posttrain") / "tiny",
-        model.cfg,
-        model.state_dict(),
-        {"source": "random init for tests"},
-    )
-    Tokenizer.from_gguf(smollm2_gguf).save(path)
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("posttrain") / "tiny", smollm2_gguf)
 
 
 @pytest.fixture
