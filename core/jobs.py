@@ -17,6 +17,7 @@ import logging
 import threading
 import traceback as tb
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,6 +26,9 @@ from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.utils import timezone
 
 from core.models import Job, JobCancelled, JobStep, new_task_id, stalled_after
+
+if TYPE_CHECKING:
+    from core.params import Params
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,11 @@ class JobError(Exception):
 DEFERRED = object()  # returned by a job function whose completion others will record (shards)
 
 
-def job_task(*, kind: str, queue: str = "default", soft_time_limit: int = 3 * 3600):
-    """Register ``fn(job) -> dict`` as the Celery task for jobs of ``kind``."""
+def job_task(
+    *, kind: str, params: "Params", queue: str = "default", soft_time_limit: int = 3 * 3600
+):
+    """Register ``fn(job) -> dict`` as the Celery task for jobs of ``kind``, whose parameters
+    ``params`` declares (``core/params.py``): ``job_submit`` refuses any others."""
 
     def decorate(fn: Callable[[Job], dict]):
         @shared_task(
@@ -61,6 +68,7 @@ def job_task(*, kind: str, queue: str = "default", soft_time_limit: int = 3 * 36
 
         task.job_queue = queue
         task.job_fn = fn
+        task.job_params = params
         KINDS[kind] = task
         return task
 
@@ -205,10 +213,18 @@ def run_steps(job: Job, keys: Iterable[str], fn: Callable[[str], object], label:
     return {key: done[key] for key in keys}
 
 
-def job_submit(*, kind: str, params: dict, user=None) -> Job:
-    """Create a queued job and enqueue it once the surrounding transaction commits."""
+def job_params(*, kind: str, params: dict) -> dict:
+    """``params`` checked against ``kind``'s declaration, or a JobError (a ``ParamError``
+    naming the field for a bad parameter). Every way of making a job goes through here."""
     if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+    return KINDS[kind].job_params.validate(params)
+
+
+def job_submit(*, kind: str, params: dict, user=None) -> Job:
+    """Create a queued job, its params checked first, and enqueue it once the surrounding
+    transaction commits."""
+    params = job_params(kind=kind, params=params)
     task = KINDS[kind]
     job = Job.objects.create(
         kind=kind,

@@ -8,12 +8,28 @@ from django.utils import timezone
 
 from core.jobs import JobError, job_task
 from core.models import Job
+from core.params import Param, Params, Rows
 from grading.exports import FORMATS, export_file
 from grading.models import Campaign
 from grading.services import leases_expire
 
+EXPORT = Params(
+    (
+        Param(
+            "campaign_id",
+            int,
+            "the campaign whose labels are exported",
+            required=True,
+            choices=Rows(Campaign.objects.all()),
+            choices_doc="the id of a grading campaign",
+        ),
+        Param("format", str, "file format", default="jsonl", choices=tuple(FORMATS)),
+        Param("include_ties", bool, "keep tied pairs (JSONL preference rows)", default=False),
+    )
+)
 
-@job_task(kind="grading.export", soft_time_limit=3600)
+
+@job_task(kind="grading.export", params=EXPORT, soft_time_limit=3600)
 def export_labels(job: Job) -> dict:
     """Export a campaign's labels as JSONL (TRL / OpenRLHF preference schema), CSV or Parquet."""
     campaign = Campaign.objects.filter(pk=job.params.get("campaign_id")).first()
