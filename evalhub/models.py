@@ -122,3 +122,42 @@ class EvalSample(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["run", "example_id"], name="uniq_eval_sample")
         ]
+
+
+class PromptSet(models.Model):
+    """A registered, versioned list of prompts and conversations (``evalhub/promptsets.py``
+    describes a record). Importing changed content under the same name makes the next version;
+    ``content_hash`` identifies the content in every job, campaign and run that used it."""
+
+    name = models.SlugField(max_length=100)
+    version = models.PositiveIntegerField(default=1)
+    description = models.TextField(blank=True)
+    source = models.CharField(max_length=1000, blank=True, help_text="file name or builtin:NAME")
+    content_hash = models.CharField(max_length=64)
+    records = models.JSONField(default=list)
+    n_records = models.PositiveIntegerField(default=0)
+    max_turns = models.PositiveSmallIntegerField(default=1)
+    categories = models.JSONField(default=dict, blank=True)  # category → count
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["name", "version"], name="uniq_prompt_set_version")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+    @property
+    def reference(self) -> dict:
+        """What a job, campaign or run records about the set it used."""
+        return {
+            "id": self.pk,
+            "name": self.name,
+            "version": self.version,
+            "hash": self.content_hash,
+        }

@@ -2,7 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from evalhub import itec_views, model_views, run_views, serving, views
+from evalhub import itec_views, model_views, promptset_views, run_views, serving, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -27,6 +27,12 @@ urlpatterns = [
     ),
     path("models/<int:model_id>/try/", model_views.model_try, name="model_try"),
     path("models/<int:model_id>/track/", run_views.model_track, name="model_track"),
+    path("prompt-sets/", promptset_views.prompt_set_list, name="prompt_set_list"),
+    path("prompt-sets/import/", promptset_views.prompt_set_import_view, name="prompt_set_import"),
+    path(
+        "prompt-sets/builtin/", promptset_views.prompt_set_builtin_view, name="prompt_set_builtin"
+    ),
+    path("prompt-sets/<int:set_id>/", promptset_views.prompt_set_detail, name="prompt_set_detail"),
     path("itec/", itec_views.itec_page, name="itec"),
     path("itec/start/", itec_views.itec_start, name="itec_start"),
     path("leaderboard/", run_views.leaderboard, name="leaderboard"),
