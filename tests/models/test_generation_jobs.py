@@ -1,13 +1,18 @@
 """Generation jobs: prompts × models → responses → a grading campaign; resumable; registry."""
 
+from pathlib import Path
+
 import pytest
 
-from core.jobs import KINDS, execute
+from core.jobs import KINDS, execute, job_submit
 from core.models import Job, JobStep
+from core.params import ParamError
 from evalhub.generation import pair_plan
 from evalhub.models import ModelVersion
-from evalhub.registry import checkpoint_stats
+from evalhub.promptsets import prompt_set_import
+from evalhub.registry import backend_for, checkpoint_stats
 from grading.models import Campaign, Item
+from models.backends import GenerationArgs
 
 pytestmark = pytest.mark.django_db
 
@@ -97,3 +102,59 @@ def test_a_broken_model_file_fails_the_job_with_a_clear_error(tmp_path):
     model = ModelVersion.objects.create(name="broken", backend="builtin", location=str(broken))
     job = _run({"models": [model.pk], "prompts": ["hi"], "max_new_tokens": 2})
     assert job.status == "failed" and "corrupt JSON" in job.error
+
+
+MT_BENCH = Path(__file__).parents[1] / "data" / "mt_bench_question.jsonl"
+
+
+def test_mt_bench_is_answered_turn_by_turn_and_graded_side_by_side_on_turn_2(two_models):
+    prompt_set = prompt_set_import(
+        name="mt-bench", data=MT_BENCH.read_bytes(), filename="question.jsonl"
+    )
+    job = _run(
+        {
+            "models": [m.pk for m in two_models],
+            "prompt_set": "mt-bench",
+            "max_new_tokens": 6,
+            "campaign": {"name": "mt turn 2", "kind": "side_by_side", "turn": 2, "overlap": 1},
+        }
+    )
+    assert job.status == "succeeded", job.error
+    assert job.steps.count() == 4  # 2 models × 2 turns × 1 batch of 3 conversations
+    assert job.result["prompt_set"]["hash"] == prompt_set.content_hash
+    assert job.result["prompt_set"]["version"] == 1 and job.result["turns"] == 2
+
+    # Turn 2 saw the model's own turn-1 answer: the same chats, built by hand, give the same text.
+    model = two_models[0]
+    turn1 = job.steps.get(key=f"{model.pk}:0").output
+    turn2 = job.steps.get(key=f"{model.pk}:t2:0").output
+    backend = backend_for(model)
+    chats = [
+        [
+            {"role": "user", "content": r["turns"][0]},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": r["turns"][1]},
+        ]
+        for r, answer in zip(prompt_set.records, turn1, strict=True)
+    ]
+    args = GenerationArgs(max_new_tokens=6, temperature=0.0, seed=0)
+    assert backend.generate([backend.chat_format(c) for c in chats], args) == turn2
+
+    campaign = Campaign.objects.get(pk=job.result["campaign_id"])
+    assert campaign.kind == "side_by_side" and campaign.items.count() == 3
+    item = campaign.items.get(metadata__record="101")
+    assert item.prompt == prompt_set.records[1]["turns"][1]
+    assert item.metadata["turn"] == 2
+    assert item.metadata["prompt_set_hash"] == prompt_set.content_hash
+    for response in item.responses.all():
+        # each side shows its own earlier turn, then the graded turn-2 answer
+        assert response.text.endswith(turn2[1]) and "Earlier in this conversation" in response.text
+
+
+def test_a_generation_job_naming_an_unknown_prompt_set_is_refused_at_submission(two_models):
+    with pytest.raises(ParamError) as err:
+        job_submit(kind="generate", params={"models": [two_models[0].pk], "prompt_set": "nope"})
+    assert err.value.field == "params.prompt_set" and not Job.objects.exists()
+    with pytest.raises(ParamError) as err:
+        job_submit(kind="generate", params={"models": [two_models[0].pk], "source": "mt-bench"})
+    assert err.value.field == "params.source"
