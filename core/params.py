@@ -10,6 +10,7 @@ code applies them, and ``default`` here documents them), so a stored job reads a
 The same declarations print the README's table of job kinds (``manage.py jobkinds --markdown``).
 """
 
+import json
 import math
 import re
 from collections.abc import Callable, Container
@@ -75,8 +76,8 @@ class Rows:
 
 def one_of(*names: str) -> Rule:
     """At least one of ``names`` must be given (a data source, say)."""
-    listed = ", ".join(f"`{n}`" for n in names)
-    return Rule(f"needs one of {listed}", names[-1], lambda p: any(p.get(n) for n in names))
+    others = " or ".join(f"`{n}`" for n in names[1:])
+    return Rule(f"or {others} is required", names[0], lambda p: any(p.get(n) for n in names))
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,9 @@ def choices_text(f: Param) -> str:
     """What a field accepts, in words ("one of 2, 4", "the id of a registered reward model")."""
     if f.choices_doc or f.choices is None:
         return f.choices_doc
-    allowed = f.choices() if callable(f.choices) else f.choices
-    return "one of " + ", ".join(_show(c) for c in sorted(allowed, key=str))
+    if callable(f.choices):  # a registry: its names in order
+        return "one of " + ", ".join(_show(c) for c in sorted(f.choices(), key=str))
+    return "one of " + ", ".join(_show(c) for c in f.choices)  # as declared
 
 
 def _a(kind: type) -> str:
@@ -228,7 +230,7 @@ def _type_name(value) -> str:
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 def _show(value) -> str:
@@ -240,3 +242,62 @@ def _show(value) -> str:
     else:
         text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def markdown(kinds: dict) -> str:
+    """The README's section body: per job kind (``core.jobs.KINDS``, kind → task) its queue,
+    what it does (the first paragraph of its function's docstring) and a table of its params."""
+    parts = []
+    for kind in sorted(kinds):
+        task = kinds[kind]
+        doc = " ".join((task.job_fn.__doc__ or "").strip().split("\n\n")[0].split())
+        doc = doc.replace("``", "`")  # reST literals as Markdown code
+        parts.append(f"#### `{kind}` (queue `{task.job_queue}`)\n\n{doc}\n")
+        parts.append(_table(task.job_params))
+    return "\n".join(parts)
+
+
+def _table(params: Params) -> str:
+    lines = ["| parameter | type | default | accepts | meaning |", "|---|---|---|---|---|"]
+    lines += _rows(params, "")
+    notes = [f"- `{rule.field}` {rule.doc}." for rule in params.rules]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
+
+
+def _rows(params: Params, prefix: str) -> list[str]:
+    rows = []
+    for f in params.fields:
+        kind = TYPE_NAMES[f.type]
+        if f.item is not None:
+            kind += f" of {TYPE_NAMES[f.item]}"
+        default = "**required**" if f.required else _doc_value(f.default)
+        cells = [f"`{prefix}{f.name}`", kind, default, _accepts(f), f.help]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if f.fields is not None:
+            rows += _rows(f.fields, f"{prefix}{f.name}.")
+    return rows
+
+
+def _accepts(f: Param) -> str:
+    parts = []
+    if f.min is not None and f.max is not None:
+        parts.append(f"{_num(f.min)} to {_num(f.max)}")
+    elif f.min is not None:
+        parts.append(f"≥ {_num(f.min)}")
+    elif f.max is not None:
+        parts.append(f"≤ {_num(f.max)}")
+    if f.choices is not None:
+        parts.append(choices_text(f))
+    if f.pattern:
+        parts.append(f"matches `{f.pattern}`")
+    if f.max_len is not None:
+        parts.append(f"at most {f.max_len} {'characters' if f.type is str else 'elements'}")
+    if f.nullable:
+        parts.append("or null")
+    return "; ".join(parts)
+
+
+def _doc_value(value) -> str:
+    if value is None:
+        return ""
+    return f"`{json.dumps(value)}`"

@@ -7,6 +7,7 @@ from django.views.decorators.http import require_POST
 
 from core.access import researcher_required
 from core.jobs import job_submit
+from core.params import ParamError
 from evalhub.compression import compression_table
 from evalhub.models import ModelVersion
 from evalhub.registry import backend_for
@@ -247,12 +248,13 @@ def _list_page(request, *, register, import_form, status: int = 200):
 @researcher_required
 def model_import_view(request):
     form = ImportForm(request.POST)
-    if not form.is_valid():
-        return _list_page(
-            request, register=RegisterForm(prefix="reg"), import_form=form, status=400
-        )
-    job = job_submit(kind="models.import", params=form.cleaned_data, user=request.user)
-    return redirect("job_detail", job_id=job.pk)
+    if form.is_valid():
+        try:
+            job = job_submit(kind="models.import", params=form.cleaned_data, user=request.user)
+            return redirect("job_detail", job_id=job.pk)
+        except ParamError as exc:  # the job's own check: a name already registered, say
+            form.add_error(None, str(exc))
+    return _list_page(request, register=RegisterForm(prefix="reg"), import_form=form, status=400)
 
 
 @researcher_required

@@ -20,7 +20,7 @@ from suites import REGISTRY
 
 # Parameters shared by several kinds. The defaults are documentation: the job's own code
 # applies them (evalhub/posttrain.py TRAIN_DEFAULTS, compression.py DEFAULTS, ...).
-NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # one path component: it names a directory
+NAME_PATTERN = r"(?!\.)[A-Za-z0-9._-]{1,100}"  # one path component (it names a directory)
 BUILTIN = ModelVersion.objects.filter(backend="builtin")
 MODEL_ID = Param(
     "model_id",
@@ -217,7 +217,6 @@ GENERATE = Params(
             "models",
             lambda p: bool(p["models"]) and len(set(p["models"])) == len(p["models"]),
         ),
-        Rule("must not be empty", "prompts", lambda p: p.get("prompts") != []),
         Rule(
             "must be above 0 with a reranker (best-of-N needs sampling)",
             "temperature",

@@ -19,6 +19,7 @@ from core.access import (
 )
 from core.jobs import JobError, job_cancel, job_submit
 from core.models import Job
+from core.params import ParamError
 from core.payload import PayloadError, json_type, request_json
 from evalhub.celery import app
 
@@ -80,7 +81,8 @@ def _get_job(request, job_id: int) -> Job:
 
 @api_role_required("researcher")
 def api_jobs(request):
-    """POST {"kind": ..., "params": {...}} submits a job; GET lists recent jobs."""
+    """POST {"kind": ..., "params": {...}} submits a job; GET lists recent jobs. A bad
+    parameter is a 400 whose ``field`` names it (``params.temperature``), and no job."""
     if request.method == "GET":
         return JsonResponse({"jobs": [_job_json(j) for j in Job.objects.all()[:JOBS_PAGE_SIZE]]})
     if request.method != "POST":
@@ -95,6 +97,8 @@ def api_jobs(request):
         job = job_submit(kind=kind[:100], params=params, user=request.user)
     except PayloadError as exc:
         return JsonResponse({"error": f"malformed request: {exc}"}, status=exc.status)
+    except ParamError as exc:
+        return JsonResponse({"error": str(exc), "field": exc.field}, status=400)
     except JobError as exc:
         return JsonResponse({"error": str(exc)}, status=400)
     return JsonResponse(_job_json(job), status=201)

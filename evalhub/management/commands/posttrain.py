@@ -7,7 +7,7 @@ registered with lineage."""
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
-from core.jobs import KINDS, JobError, execute, job_submit
+from core.jobs import KINDS, JobError, execute, job_params, job_submit
 from core.models import Job
 from evalhub.models import ModelVersion
 
@@ -78,6 +78,10 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from exc
             self.stdout.write(f"queued job {job.pk}")
             return
+        try:
+            params = job_params(kind=kind, params=params)  # as job_submit checks them
+        except JobError as exc:
+            raise CommandError(str(exc)) from exc
         job = Job.objects.create(kind=kind, params=params)
         bar = tqdm(desc=f"{model} · {algorithm}", unit="step", total=100)
         execute(job.pk, _fn(kind, job, bar))
