@@ -1,7 +1,9 @@
 """JSON API for raters' tools and load tests: the same funnel and services as the pages.
 
 Authenticated by ``Authorization: Bearer <token>`` (or a session with CSRF). Responses carry
-texts only — never model names or response ids — exactly like the rater's page.
+texts only — never model names or response ids — exactly like the rater's page: a task has the
+conversation's earlier turns (``context``, empty for a single turn), the graded ``prompt`` and the
+responses by on-screen slot.
 """
 
 from django.http import Http404, JsonResponse
@@ -38,18 +40,16 @@ def next_task(request, campaign_id: int):
         return _error(exc)
     if assignment is None:
         return JsonResponse({"task": None})
-    texts = {r.position: r.text for r in assignment.item.responses.all()}
-    left = assignment.left_position
+    item = assignment.item
+    texts = {r.position: r.text for r in item.responses.all()}
     task = {
         "id": assignment.pk,
-        "prompt": assignment.item.prompt,
+        "context": item.context,
+        "prompt": item.prompt,
         "kind": campaign.kind,
         "expires_at": assignment.expires_at.isoformat(),
+        **campaign.task_kind.api_task(texts, assignment.left_position, campaign.aspect_keys),
     }
-    if campaign.is_side_by_side:
-        task.update(left=texts[left], right=texts[1 - left])
-    else:
-        task.update(response=texts[0], aspects=campaign.aspect_keys)
     return JsonResponse({"task": task})
 
 

@@ -1,6 +1,13 @@
 """Label exports: rows in the TRL / OpenRLHF preference schema, written as JSONL, CSV or
-Parquet, and the preference records reward training reads. Plain functions; the Celery task
-that runs an export as a job is a thin wrapper in ``grading/tasks.py``.
+Parquet, or as JSONL in TRL's conversational format, and the preference records reward training
+reads. Plain functions; the Celery task that runs an export as a job is a thin wrapper in
+``grading/tasks.py``. What a row holds depends on the campaign's kind (``grading.kinds``).
+
+The flat formats give the graded user turn as ``prompt`` and the conversation before it as
+``context`` (a list of ``{role, content}``, empty for a single turn). The conversational format
+(``conversational``) gives ``prompt`` as the whole message list up to the graded turn and each
+response as a one-message assistant list: ``chosen``/``rejected`` side by side (TRL's
+conversational preference format, as DPOTrainer reads it), ``completion`` single-sided.
 
 CSV is written for spreadsheets (README, "Human grading"): every cell quoted, so a carriage
 return or line break inside a text never splits a row, and text cells that a spreadsheet
@@ -14,12 +21,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from grading.models import Campaign, Label, Response
+from grading.models import SIDE_BY_SIDE, Campaign, Label, Response, conversation
 from grading.quality import single_sided_grades
 from models.preferences import Preference
 
 CHUNK = 5000
-FORMATS = ("jsonl", "csv", "parquet")
+FORMATS = ("jsonl", "csv", "parquet", "conversational")
+SUFFIXES = {"conversational": "chat.jsonl"}  # the file name's ending, where not the format
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP, "CSV Injection"
 
 
@@ -34,9 +42,11 @@ def export_file(
     are renamed into place, so a half-written file is never offered for download."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}")
+    kind = campaign.task_kind
     rows = export_rows(campaign, progress=progress)
-    if campaign.is_side_by_side and not include_ties:
-        rows = [row for row in rows if not row["tie"]]
+    rows = [row for row in rows if kind.exported(row, include_ties=include_ties)]
+    if fmt == "conversational":
+        rows = [kind.chat_row(row, conversation(row["context"], row["prompt"])) for row in rows]
     tmp = path.with_suffix(".partial")
     _write(rows, tmp, fmt)
     tmp.replace(path)
@@ -52,6 +62,7 @@ def export_rows(campaign: Campaign, progress=None) -> list[dict]:
         "id",
         "item_id",
         "item__prompt",
+        "item__context",
         "item__external_id",
         "rater_id",
         "rater__username",
@@ -82,7 +93,7 @@ def preferences_from_campaigns(campaign_ids: list[int]) -> list[Preference]:
     single-sided aspect grades it received in any campaign (matched on prompt and text)."""
     grades = single_sided_grades()
     prefs = []
-    for campaign in Campaign.objects.filter(pk__in=campaign_ids, kind="side_by_side"):
+    for campaign in Campaign.objects.filter(pk__in=campaign_ids, kind=SIDE_BY_SIDE):
         for row in export_rows(campaign):
             prefs.append(
                 Preference(
@@ -105,12 +116,15 @@ def _rows(campaign: Campaign, labels: list[dict]) -> list[dict]:
         grouped.setdefault(r["item_id"], []).append(r)
     for group in grouped.values():
         group.sort(key=lambda r: r["position"])
-    return [_row(campaign, label, grouped[label["item_id"]]) for label in labels]
+    kind = campaign.task_kind
+    return [kind.export_row(_common(label), label, grouped[label["item_id"]]) for label in labels]
 
 
-def _row(campaign: Campaign, label: dict, responses: list[dict]) -> dict:
-    common = {
+def _common(label: dict) -> dict:
+    """The columns every kind's rows have."""
+    return {
         "prompt": label["item__prompt"],
+        "context": label["item__context"],
         "item_id": label["item_id"],
         "external_id": label["item__external_id"],
         "rater_id": label["rater_id"],
@@ -121,37 +135,15 @@ def _row(campaign: Campaign, label: dict, responses: list[dict]) -> dict:
         "gold_correct": label["gold_correct"],
         "created_at": label["created_at"].isoformat(),
     }
-    if not campaign.is_side_by_side:
-        r = responses[0]
-        return {
-            **common,
-            "completion": r["text"],
-            "model": r["model_name"],
-            "aspects": label["scores"],
-            "unsafe": label["unsafe"],
-            "comment": label["comment"],
-        }
-    tie = label["preferred_id"] is None
-    chosen = responses[0] if tie else next(r for r in responses if r["id"] == label["preferred_id"])
-    rejected = next(r for r in responses if r["id"] != chosen["id"])
-    return {
-        **common,
-        "chosen": chosen["text"],
-        "rejected": rejected["text"],
-        "chosen_model": chosen["model_name"],
-        "rejected_model": rejected["model_name"],
-        "level": label["level"],
-        "tie": tie,
-        "aspects": label["scores"] or {},
-    }
 
 
 def csv_cell(value) -> str:
     """A CSV cell as written: text starting with a formula character gets a leading ``'``;
-    aspects (a dict) are JSON, None is empty, everything else its ``str``."""
+    aspects (a dict) and the context (a list) are JSON, None is empty, everything else its
+    ``str``."""
     if value is None:
         return ""
-    if isinstance(value, dict):
+    if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, ensure_ascii=False)
     if isinstance(value, str):
         return "'" + value if value.startswith(FORMULA_STARTS) else value
@@ -159,7 +151,7 @@ def csv_cell(value) -> str:
 
 
 def _write(rows: list[dict], path: Path, fmt: str) -> None:
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "conversational"):
         with path.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -172,6 +164,7 @@ def _write(rows: list[dict], path: Path, fmt: str) -> None:
                 writer.writerows([csv_cell(v) for v in row.values()] for row in rows)
         return
     frame = pd.DataFrame(rows)
-    if "aspects" in frame:
-        frame["aspects"] = frame["aspects"].map(lambda a: json.dumps(a, sort_keys=True))
+    for column in ("aspects", "context"):  # JSON text, as in the CSV
+        if column in frame:
+            frame[column] = frame[column].map(lambda v: json.dumps(v, sort_keys=True))
     frame.to_parquet(path, index=False)

@@ -137,6 +137,10 @@ class ExportForm(forms.Form):
             ("jsonl", "JSONL (TRL / OpenRLHF preference schema)"),
             ("csv", "CSV"),
             ("parquet", "Parquet"),
+            (
+                "conversational",
+                "JSONL, TRL conversational (prompt, chosen and rejected as message lists)",
+            ),
         ]
     )
     include_ties = forms.BooleanField(

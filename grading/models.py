@@ -12,9 +12,9 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from grading.kinds import KIND_CHOICES, KINDS, SINGLE_SIDED, Kind
+from grading.kinds import SIDE_BY_SIDE as SIDE_BY_SIDE  # re-exported: evalhub imports it here
 from models.preferences import PREFERENCE_LEVELS, TIES
-
-SIDE_BY_SIDE, SINGLE_SIDED = "side_by_side", "single_sided"
 
 # AFM (2024) grades single responses on these four aspects; the anchored descriptions are
 # editable per campaign.
@@ -81,7 +81,7 @@ def default_thresholds():
 
 
 class Campaign(models.Model):
-    KIND_CHOICES = [(SIDE_BY_SIDE, "Side by side"), (SINGLE_SIDED, "Single-sided")]
+    KIND_CHOICES = KIND_CHOICES
     DRAFT, OPEN, CLOSED = "draft", "open", "closed"
     STATUS_CHOICES = [(DRAFT, "Draft"), (OPEN, "Open"), (CLOSED, "Closed")]
 
@@ -117,8 +117,9 @@ class Campaign(models.Model):
         return self.name
 
     @property
-    def is_side_by_side(self) -> bool:
-        return self.kind == SIDE_BY_SIDE
+    def task_kind(self) -> Kind:
+        """The kind's object (grading.kinds): everything that differs between kinds."""
+        return KINDS[self.kind]
 
     @property
     def aspect_keys(self) -> list[str]:
@@ -131,11 +132,17 @@ class Campaign(models.Model):
 
 class Item(models.Model):
     """One prompt with one or two responses to grade. ``taken`` counts live leases plus labels,
-    kept under the item's row lock so overlap can never be exceeded."""
+    kept under the item's row lock so overlap can never be exceeded.
+
+    In a conversation, ``prompt`` is the user turn being graded and ``context`` the messages
+    before it (``[{"role": "system" | "user" | "assistant", "content": str}, …]``, an optional
+    system message first, then user and assistant alternating and ending with an assistant
+    turn); the responses answer ``prompt``. A single-turn item has an empty ``context``."""
 
     campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="items")
     external_id = models.CharField(max_length=200, blank=True)
     prompt = models.TextField()
+    context = models.JSONField(default=list, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
     is_gold = models.BooleanField(default=False)
     # Gold answer: side-by-side {"preferred": <response position 0/1> | None for tie};
@@ -153,6 +160,16 @@ class Item(models.Model):
 
     def __str__(self) -> str:
         return f"Item {self.pk} of {self.campaign_id}"
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation up to the graded turn: ``context`` and ``prompt`` as a user turn."""
+        return conversation(self.context, self.prompt)
+
+
+def conversation(context: list[dict], prompt: str) -> list[dict]:
+    """Chat messages of a graded turn: the earlier ``context`` then the user's ``prompt``."""
+    return [*context, {"role": "user", "content": prompt}]
 
 
 class Response(models.Model):

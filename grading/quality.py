@@ -58,7 +58,7 @@ def campaign_report(campaign: Campaign) -> dict:
         for r in labels
     ]
     regular = [r for r in labels if not r["item__is_gold"]]
-    figures, majority = _agreement_figures(campaign, regular)
+    figures, majority = campaign.task_kind.agreement_figures(campaign, regular)
     stats = agreement.rater_stats(records, majority=majority)
     thresholds, thresholds_problem = campaign_thresholds(campaign)
     flags = agreement.flag_raters(stats, thresholds)
@@ -99,35 +99,6 @@ def model_names_shown_to_raters(campaign: Campaign) -> list[str]:
         .distinct()
     )
     return sorted(name for name in names if len(name) >= 3 and name.casefold() in shown)
-
-
-def _agreement_figures(campaign: Campaign, labels: list[dict]) -> tuple[dict, dict]:
-    """Campaign agreement figures, and each rater's agreement with the others' majority."""
-    by_item = defaultdict(list)
-    if campaign.is_side_by_side:
-        triples = []  # (item, rater, A/B/tie by uploaded position, not by screen side)
-        for row in labels:
-            category = {0: "A", 1: "B"}.get(row["preferred__position"], "tie")
-            by_item[row["item_id"]].append(category)
-            triples.append((row["item_id"], row["rater_id"], category))
-        units = list(by_item.values())
-        categories = ["A", "B", "tie"]
-        counts = [[unit.count(c) for c in categories] for unit in units if len(unit) >= 2]
-        return {
-            "pairwise_agreement": agreement.pairwise_agreement_rate(units),
-            "fleiss_kappa": agreement.fleiss_kappa(counts) if counts else float("nan"),
-            "aspect_alpha": {},
-        }, agreement.majority_agreement(triples)
-    alphas = {}
-    for aspect in campaign.aspects:
-        per_item = defaultdict(list)
-        for row in labels:
-            if aspect["key"] in row["scores"]:
-                per_item[row["item_id"]].append(row["scores"][aspect["key"]])
-        alphas[aspect["name"]] = agreement.krippendorff_alpha(
-            list(per_item.values()), level="ordinal"
-        )
-    return {"pairwise_agreement": None, "fleiss_kappa": None, "aspect_alpha": alphas}, {}
 
 
 FILTERS = ("rater", "level", "gold", "unsafe", "late")

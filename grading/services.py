@@ -18,63 +18,38 @@ fast statements fall back to it whenever their guard (``status = 'leased'``) doe
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass
 
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from core import payload, rows
+from core import rows
+from grading.kinds import Choice as Choice  # re-exported: callers import it from here
+from grading.kinds import GradingError, rater_text
 from grading.models import Assignment, Campaign, Item, Label, Response
 from grading.uploads import MAX_ROWS, UploadError, parse_upload
-from models.preferences import STRENGTHS, TIES
 
-SIDES = ("left", "right")
-MAX_COMMENT = 5000  # characters in a single-sided label's comment
 MAX_REASON = 500  # characters in a skip reason: Assignment.skip_reason
-
-
-class GradingError(Exception):
-    """A request that cannot be honoured; the message is safe to show to the user."""
 
 
 class LeaseLost(GradingError):
     pass
 
 
-@dataclass(frozen=True)
-class Choice:
-    """A side-by-side choice as the rater's page sends it: a side (or tie) and a level,
-    "left_slightly_better" or "tie_both_good"."""
-
-    side: str | None  # "left" / "right", None for a tie
-    level: str  # a name from models.preferences.LEVELS
-
-    @property
-    def value(self) -> str:
-        return self.level if self.side is None else f"{self.side}_{self.level}"
-
-    @classmethod
-    def parse(cls, value) -> "Choice":
-        if not isinstance(value, str):
-            raise GradingError(f"'choice' must be text, not {payload.json_type(value)}")
-        if value in TIES:
-            return cls(None, value)
-        side, _, level = value.partition("_")
-        if side not in SIDES or level not in STRENGTHS:
-            raise GradingError(f"unknown choice {value[:40]!r}")
-        return cls(side, level)
-
-
 def campaign_import(
     *, campaign: Campaign, data: bytes, filename: str, max_rows: int = MAX_ROWS
 ) -> int:
-    """Add the items of an upload to a campaign, all or nothing. Raises UploadError, naming
-    each bad row: parse_upload's checks, and ids the campaign already has."""
+    """Add the items of an upload to a campaign, all or nothing; returns how many.
+
+    ``data``: the file's bytes, JSONL or CSV as ``filename`` ends (grading/uploads.py has the
+    row format). A row gives either ``prompt`` or a conversation, ``messages``: a list of
+    ``{"role", "content"}`` whose last message is the user turn the responses answer; that turn
+    becomes ``Item.prompt`` and the messages before it ``Item.context``. Raises UploadError,
+    naming each bad row: parse_upload's checks, and ids the campaign already has."""
     rows = parse_upload(
         data,
         filename,
-        side_by_side=campaign.is_side_by_side,
+        kind=campaign.task_kind,
         aspects=campaign.aspect_keys,
         max_rows=max_rows,
     )
@@ -96,6 +71,7 @@ def campaign_import(
                 Item(
                     campaign=campaign,
                     prompt=r.prompt,
+                    context=r.context,
                     external_id=r.external_id,
                     metadata=r.metadata,
                     is_gold=r.gold is not None,
@@ -137,7 +113,7 @@ def assignment_claim(*, rater, campaign: Campaign, rng: random.Random | None = N
             )
     _expire_now_and_then(campaign, now)
     gold = campaign.gold_rate > 0 and rng.random() < campaign.gold_rate
-    left = rng.randrange(2) if campaign.is_side_by_side else 0
+    left = campaign.task_kind.left_position(rng)
     claim = _claim_statement if _fast_path() and not gold else _claim_orm
     assignment = claim(rater, campaign, now, left, gold=gold)
     if assignment is None:
@@ -255,10 +231,13 @@ WITH serial AS (
 ), chosen AS (
     SELECT * FROM live UNION ALL SELECT * FROM leased
 )
-SELECT c.id, c.item_id, c.left_position, c.leased_at, c.expires_at, i.prompt, i.is_gold,
-       r.id, r.position, r.text
+SELECT c.id, c.item_id, c.left_position, c.leased_at, c.expires_at, i.prompt, i.context,
+       i.is_gold, r.id, r.position, r.text
 FROM chosen c JOIN grading_item i ON i.id = c.item_id JOIN grading_response r ON r.item_id = i.id
 """
+
+
+_CONTEXT = Item._meta.get_field("context")  # decodes the raw jsonb the statement reads
 
 
 def _claim_statement(rater, campaign: Campaign, now, left: int, *, gold: bool):
@@ -276,13 +255,13 @@ def _claim_statement(rater, campaign: Campaign, now, left: int, *, gold: bool):
         found = cursor.fetchall()  # one row per response
     if not found:
         return None
-    pk, item_id, left_position, leased_at, expires_at, prompt, is_gold = found[0][:7]
+    pk, item_id, left_position, leased_at, expires_at, prompt, context, is_gold = found[0][:8]
     # Only the columns the statement read are loaded; touching another one of the item
     # fetches it, as for any deferred field. Its responses come loaded.
     item = Item.from_db(
         connection.alias,
-        ["id", "campaign_id", "prompt", "is_gold"],
-        [item_id, campaign.pk, prompt, is_gold],
+        ["id", "campaign_id", "prompt", "context", "is_gold"],
+        [item_id, campaign.pk, prompt, _CONTEXT.from_db_value(context, None, connection), is_gold],
     )
     rows.prefetched(
         item,
@@ -321,7 +300,7 @@ def _lock_candidate(campaign: Campaign, rater, *, gold: bool):
         candidates = candidates.filter(taken__lt=campaign.overlap).order_by("-taken", "id")
     if connection.features.has_select_for_update_skip_locked:
         candidates = candidates.select_for_update(skip_locked=True, of=("self",))
-    return candidates.only("id", "prompt").first()
+    return candidates.only("id", "prompt", "context").first()
 
 
 _last_expiry: dict[int, float] = {}
@@ -487,82 +466,12 @@ def _retake_slot(a: Assignment) -> None:
 
 
 def _label_fields(a: Assignment, data: dict) -> dict:
-    if a.campaign.is_side_by_side:
-        return _pairwise_fields(a, Choice.parse(data.get("choice", "")))
-    return _single_fields(a, data)
-
-
-def _pairwise_fields(a: Assignment, choice: Choice) -> dict:
-    if choice.side is None:
-        position, picked_left = None, None
-    else:
-        position = a.left_position if choice.side == "left" else 1 - a.left_position
-        picked_left = choice.side == "left"
-    correct = None
-    if a.item.is_gold and a.item.gold_answer is not None:
-        correct = position == a.item.gold_answer.get("preferred")
-    return {
-        "preferred_position": position,
-        "level": choice.level,
-        "picked_left": picked_left,
-        "gold_correct": correct,
-    }
-
-
-def _single_fields(a: Assignment, data: dict) -> dict:
-    raw = data.get("scores")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise GradingError("'scores' must map each aspect to a score")
-    scores = {key: _score(raw.get(key), key) for key in a.campaign.aspect_keys}
-    unknown = set(raw) - set(scores)
-    if unknown:
-        shown = ", ".join(sorted(str(k)[:40] for k in unknown))
-        raise GradingError(f"unknown aspect(s): {shown}")
-    unsafe = data.get("unsafe", False)
-    if not isinstance(unsafe, bool):
-        raise GradingError(f"'unsafe' must be true or false, not {payload.json_type(unsafe)}")
-    comment = _text(data.get("comment"), "comment", MAX_COMMENT)
-    correct = None
-    if a.item.is_gold and a.item.gold_answer is not None:
-        correct = all(lo <= scores[k] <= hi for k, (lo, hi) in a.item.gold_answer["scores"].items())
-    return {
-        "preferred_position": None,
-        "scores": scores,
-        "unsafe": unsafe,
-        "comment": comment,
-        "gold_correct": correct,
-    }
-
-
-def _score(value, key: str) -> int:
-    """A whole score 1–5: a number, or the digit a form sends; never a boolean."""
-    name = key.replace("_", " ")
-    if value is None or value == "":
-        raise GradingError(f"give {name} a score from 1 to 5")
-    if isinstance(value, str) and value.strip() in ("1", "2", "3", "4", "5"):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise GradingError(f"{name} must be a whole score from 1 to 5, not {str(value)[:20]!r}")
-    if not 1 <= value <= 5:
-        raise GradingError(f"{name} must be from 1 to 5, not {value}")
-    return value
-
-
-def _text(value, name: str, max_length: int, *, required: bool = False) -> str:
-    """Free text from a rater (form or JSON): core.payload.text's checks, as a GradingError."""
-    try:
-        return payload.text(value, name, max_length=max_length, required=required)
-    except payload.PayloadError as exc:
-        raise GradingError(str(exc)) from None
+    return a.campaign.task_kind.label_fields(a, data)
 
 
 def assignment_skip(*, assignment: Assignment, reason) -> None:
     """Give a task back with a reason; the rater is never offered that item again."""
-    reason = _text(reason, "reason", MAX_REASON).strip()
+    reason = rater_text(reason, "reason", MAX_REASON).strip()
     if not reason:
         raise GradingError("say why you skip this task")
     with transaction.atomic():

@@ -9,7 +9,7 @@ from django.utils import timezone
 from core.jobs import JobError, job_task
 from core.models import Job
 from core.params import Param, Params, Rows
-from grading.exports import FORMATS, export_file
+from grading.exports import FORMATS, SUFFIXES, export_file
 from grading.models import Campaign
 from grading.services import leases_expire
 
@@ -31,7 +31,8 @@ EXPORT = Params(
 
 @job_task(kind="grading.export", params=EXPORT, soft_time_limit=3600)
 def export_labels(job: Job) -> dict:
-    """Export a campaign's labels as JSONL (TRL / OpenRLHF preference schema), CSV or Parquet."""
+    """Export a campaign's labels as JSONL (TRL / OpenRLHF preference schema), CSV, Parquet or
+    JSONL in TRL's conversational format."""
     campaign = Campaign.objects.filter(pk=job.params.get("campaign_id")).first()
     fmt = job.params.get("format", "jsonl")
     if campaign is None:
@@ -40,7 +41,8 @@ def export_labels(job: Job) -> dict:
         raise JobError(f"unknown export format {fmt!r}")
     out = Path(settings.MEDIA_ROOT) / "exports"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"campaign{campaign.pk}-{timezone.now():%Y%m%dT%H%M%S}-job{job.pk}.{fmt}"
+    suffix = SUFFIXES.get(fmt, fmt)
+    path = out / f"campaign{campaign.pk}-{timezone.now():%Y%m%dT%H%M%S}-job{job.pk}.{suffix}"
     include_ties = bool(job.params.get("include_ties", False))
     n = export_file(
         campaign,

@@ -4,7 +4,10 @@ Plain Python (no Django): every problem is collected with its row number and fie
 is returned unless every row is valid, so a campaign never receives half a file.
 
 Row fields — side by side: ``prompt``, ``response_a``, ``response_b``, optional ``model_a``,
-``model_b``; single-sided: ``prompt``, ``response``, optional ``model``. Both: optional ``id``
+``model_b``; single-sided: ``prompt``, ``response``, optional ``model``. Instead of ``prompt``, a
+row may give a conversation, ``messages``: ``[{"role": …, "content": …}, …]`` (in CSV, that list
+as JSON), an optional system message first, then user and assistant turns alternating, the last
+a user turn — the one the responses answer. Both: optional ``id``
 (unique in the file), ``metadata`` (a JSON object; in CSV, every other column becomes metadata)
 and ``gold`` (side by side: ``a``, ``b`` or ``tie``; single-sided: ``{"aspect": score or
 [min, max]}`` with whole scores 1–5). JSONL may also give ``responses`` and ``models`` as
@@ -24,9 +27,13 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from core import payload
 from core.payload import PayloadError
+
+if TYPE_CHECKING:
+    from grading.kinds import Kind
 
 # A file uploaded through the campaign page is parsed and imported inside the request, so it
 # must finish well within gunicorn's 30-second worker timeout: on a busy 2-core machine a 32 MB
@@ -39,13 +46,9 @@ MAX_TEXT = 200_000  # characters in a prompt, a response, a CSV cell, the metada
 MAX_NAME = 200  # characters in an id or a model name: Item.external_id, Response.model_name
 MAX_LINE = 5_000_000  # characters in one JSONL line: three texts, escaped, and the metadata
 
-COMMON = {"id", "prompt", "metadata", "gold"}
-FIELDS = {
-    True: COMMON | {"response_a", "response_b", "responses", "model_a", "model_b", "models"},
-    False: COMMON | {"response", "model"},
-}
-REQUIRED_COLUMNS = {True: ("prompt", "response_a", "response_b"), False: ("prompt", "response")}
-KIND = {True: "side by side", False: "single-sided"}
+COMMON = {"id", "prompt", "messages", "metadata", "gold"}  # and the kind's (grading.kinds)
+ROLES = ("system", "user", "assistant")
+MAX_MESSAGES = 200  # messages in one conversation
 
 
 class UploadError(ValueError):
@@ -59,30 +62,33 @@ class UploadError(ValueError):
 
 @dataclass
 class ItemRow:
-    prompt: str
+    prompt: str  # the graded user turn
     responses: list[str]
     models: list[str]
     external_id: str = ""
     metadata: dict = field(default_factory=dict)
     gold: dict | None = None  # side by side {"preferred": 0|1|None}; single {"scores": {...}}
     number: int = 0  # the row in the file, for messages
+    context: list[dict] = field(default_factory=list)  # earlier turns: Item.context
 
 
 def parse_upload(
     data: bytes,
     filename: str,
     *,
-    side_by_side: bool,
+    kind: "Kind",
     aspects: list[str],
     max_rows: int = MAX_ROWS,
 ) -> list[ItemRow]:
+    """The rows of a file for a campaign of ``kind`` (grading.kinds.KINDS) grading ``aspects``;
+    raises UploadError listing every problem by row and field."""
     if filename.lower().endswith(".csv"):
         read = _read_csv
     elif filename.lower().endswith((".jsonl", ".json", ".ndjson")):
         read = _read_jsonl
     else:
         raise UploadError([f"unsupported file type {filename!r}: upload .jsonl or .csv"])
-    records, errors = read(_decode(data), side_by_side)
+    records, errors = read(_decode(data), kind)
     if len(records) > max_rows:
         raise UploadError(
             [f"{len(records):,} rows is more than the limit of {max_rows:,}: split the file"]
@@ -90,7 +96,7 @@ def parse_upload(
     rows, first_of_id = [], {}
     for number, record in records:
         try:
-            row = _row(record, side_by_side=side_by_side, aspects=aspects)
+            row = _row(record, kind=kind, aspects=aspects)
         except ValueError as exc:  # PayloadError included
             errors.append(f"row {number}: {exc}")
             continue
@@ -128,7 +134,7 @@ def _looks_utf16(data: bytes) -> bool:
     return any(half.count(0) > 0.8 * len(half) for half in (head[0::2], head[1::2]))
 
 
-def _read_jsonl(text: str, side_by_side: bool) -> tuple[list[tuple[int, dict]], list[str]]:
+def _read_jsonl(text: str, kind: "Kind") -> tuple[list[tuple[int, dict]], list[str]]:
     records, errors = [], []
     # Lines end at "\n" only: str.splitlines() would also split at U+2028 and other characters
     # that JSON strings may hold unescaped.
@@ -151,7 +157,7 @@ def _read_jsonl(text: str, side_by_side: bool) -> tuple[list[tuple[int, dict]], 
     return records, errors
 
 
-def _read_csv(text: str, side_by_side: bool) -> tuple[list[tuple[int, dict]], list[str]]:
+def _read_csv(text: str, kind: "Kind") -> tuple[list[tuple[int, dict]], list[str]]:
     """Rows numbered as a spreadsheet shows them: the header is row 1."""
     if csv.field_size_limit() < MAX_TEXT:
         csv.field_size_limit(MAX_TEXT)  # a longer cell is a csv.Error, reported with its row
@@ -162,14 +168,14 @@ def _read_csv(text: str, side_by_side: bool) -> tuple[list[tuple[int, dict]], li
         number = 1
         if header is None:
             return [], []
-        if problems := _header_problems(header, side_by_side):
+        if problems := _header_problems(header, kind):
             return [], [f"row 1: {p}" for p in problems]
         for cells in reader:
             number += 1
             if not any(cell.strip() for cell in cells):
                 continue
             try:
-                records.append((number, _csv_record(header, cells, side_by_side)))
+                records.append((number, _csv_record(header, cells, kind)))
             except ValueError as exc:
                 errors.append(f"row {number}: {exc}")
     except csv.Error as exc:
@@ -180,7 +186,7 @@ def _read_csv(text: str, side_by_side: bool) -> tuple[list[tuple[int, dict]], li
     return records, errors
 
 
-def _header_problems(header: list[str], side_by_side: bool) -> list[str]:
+def _header_problems(header: list[str], kind: "Kind") -> list[str]:
     problems, seen = [], set()
     for i, name in enumerate(header, start=1):
         try:
@@ -193,17 +199,17 @@ def _header_problems(header: list[str], side_by_side: bool) -> list[str]:
         seen.add(name)
         if name in ("responses", "models"):
             problems.append(f"column {name!r} is JSONL only: give one column per response")
-        elif name in FIELDS[not side_by_side] - FIELDS[side_by_side]:
-            problems.append(_other_kind(name, side_by_side))
+        elif name in kind.foreign_fields:
+            problems.append(_other_kind(name, kind))
+    if "prompt" not in header and "messages" not in header:
+        problems.append("the header has no 'prompt' (or 'messages') column")
     problems += [
-        f"the header has no {name!r} column"
-        for name in REQUIRED_COLUMNS[side_by_side]
-        if name not in header
+        f"the header has no {name!r} column" for name in kind.required_columns if name not in header
     ]
     return problems
 
 
-def _csv_record(header: list[str], cells: list[str], side_by_side: bool) -> dict:
+def _csv_record(header: list[str], cells: list[str], kind: "Kind") -> dict:
     if len(cells) > len(header):
         raise ValueError(f"more cells than header columns ({len(cells)} > {len(header)})")
     record, extra = {}, {}
@@ -212,10 +218,14 @@ def _csv_record(header: list[str], cells: list[str], side_by_side: bool) -> dict
             continue
         if not column:
             raise ValueError(f"column {i} has a value but no name in the header")
-        if column in FIELDS[side_by_side]:
+        if column in COMMON or column in kind.fields:
             record[column] = cell
         else:
             extra[column] = payload.text(cell, column, max_length=MAX_TEXT)
+    if "messages" in record:
+        record["messages"] = payload.loads(
+            record["messages"], subject="'messages'", prefix=("messages",)
+        )
     if "gold" in record and record["gold"].lstrip().startswith("{"):
         record["gold"] = payload.loads(record["gold"], subject="'gold'", prefix=("gold",))
     metadata = {}
@@ -227,29 +237,22 @@ def _csv_record(header: list[str], cells: list[str], side_by_side: bool) -> dict
     return record
 
 
-def _other_kind(name: str, side_by_side: bool) -> str:
-    return (
-        f"{name!r} is a {KIND[not side_by_side]} field, but this campaign is {KIND[side_by_side]}"
-    )
+def _other_kind(name: str, kind: "Kind") -> str:
+    owner = kind.foreign_fields[name]
+    return f"{name!r} is a {owner} field, but this campaign is {kind.label.lower()}"
 
 
-def _row(record: dict, *, side_by_side: bool, aspects: list[str]) -> ItemRow:
-    fields = FIELDS[side_by_side]
+def _row(record: dict, *, kind: "Kind", aspects: list[str]) -> ItemRow:
+    fields = COMMON | kind.fields
     for key in record:
-        if key in FIELDS[not side_by_side] and key not in fields:
-            raise ValueError(_other_kind(key, side_by_side))
+        if key in kind.foreign_fields:
+            raise ValueError(_other_kind(key, kind))
     unknown = set(record) - fields
     if unknown:
-        shown = ", ".join(sorted(str(k)[:40] for k in unknown))
-        raise ValueError(f"unknown field(s) {shown}")
-    prompt = payload.text(record.get("prompt"), "prompt", max_length=MAX_TEXT, required=True)
-    if side_by_side:
-        responses = _pair(record, "responses", "response_a", "response_b", MAX_TEXT, True)
-        models = _pair(record, "models", "model_a", "model_b", MAX_NAME, False)
-    else:
-        responses = [payload.text(record.get("response"), "response", max_length=MAX_TEXT,
-                                  required=True)]  # fmt: skip
-        models = [payload.text(record.get("model"), "model", max_length=MAX_NAME)]
+        names = ", ".join(sorted(str(k)[:40] for k in unknown))
+        raise ValueError(f"unknown field(s) {names}")
+    context, prompt = _turns(record)
+    responses, models = kind.parse_responses(record)
     metadata = record.get("metadata")
     if metadata is None:
         metadata = {}
@@ -257,23 +260,58 @@ def _row(record: dict, *, side_by_side: bool, aspects: list[str]) -> ItemRow:
         raise ValueError(f"'metadata' must be an object, not {payload.json_type(metadata)}")
     if len(json.dumps(metadata, ensure_ascii=False)) > MAX_TEXT:
         raise ValueError(f"'metadata' is longer than {MAX_TEXT:,} characters as JSON")
-    gold = _gold(record["gold"], side_by_side, aspects) if "gold" in record else None
-    return ItemRow(prompt, responses, models, _external_id(record.get("id")), metadata, gold)
+    gold = kind.parse_gold(record["gold"], aspects) if "gold" in record else None
+    external_id = _external_id(record.get("id"))
+    return ItemRow(prompt, responses, models, external_id, metadata, gold, context=context)
 
 
-def _pair(record: dict, plural: str, a: str, b: str, limit: int, required: bool) -> list[str]:
-    if plural in record:
-        values = record[plural]
-        if not (isinstance(values, list) and len(values) == 2):
-            raise ValueError(f"{plural!r} must be a list of exactly two")
-        return [
-            payload.text(values[0], f"{plural}[0]", max_length=limit, required=required),
-            payload.text(values[1], f"{plural}[1]", max_length=limit, required=required),
-        ]
-    return [
-        payload.text(record.get(a), a, max_length=limit, required=required),
-        payload.text(record.get(b), b, max_length=limit, required=required),
-    ]
+def _turns(record: dict) -> tuple[list[dict], str]:
+    """(earlier messages, graded user turn) from ``prompt`` or from ``messages``."""
+    if "messages" not in record:
+        prompt = payload.text(record.get("prompt"), "prompt", max_length=MAX_TEXT, required=True)
+        return [], prompt
+    if "prompt" in record:
+        raise ValueError("give 'prompt' or 'messages', not both")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(
+            f"'messages' must be a non-empty list of {{role, content}}, not {shown(messages)}"
+        )
+    if len(messages) > MAX_MESSAGES:
+        raise ValueError(f"'messages' has more than {MAX_MESSAGES} messages")
+    checked = [_message(m, i) for i, m in enumerate(messages)]
+    start = 1 if checked[0]["role"] == "system" else 0
+    for i, message in enumerate(checked[start:], start=start):
+        wanted = "user" if (i - start) % 2 == 0 else "assistant"
+        if message["role"] != wanted:
+            raise ValueError(
+                f"messages[{i}].role is {message['role']!r} where {wanted!r} was expected: a "
+                "system message may come first, then user and assistant alternate"
+            )
+    if checked[-1]["role"] != "user":
+        raise ValueError(
+            "the last message must be the user turn that the responses answer, not "
+            f"{checked[-1]['role']!r}"
+        )
+    return checked[:-1], checked[-1]["content"]
+
+
+def _message(message, i: int) -> dict:
+    if not isinstance(message, dict):
+        raise ValueError(f"messages[{i}] must be an object, not {payload.json_type(message)}")
+    unknown = set(message) - {"role", "content"}
+    if unknown:
+        names = ", ".join(sorted(str(k)[:40] for k in unknown))
+        raise ValueError(f"messages[{i}] has unknown field(s) {names}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(
+            f"messages[{i}].role must be 'system', 'user' or 'assistant', not {shown(role)}"
+        )
+    content = payload.text(
+        message.get("content"), f"messages[{i}].content", max_length=MAX_TEXT, required=True
+    )
+    return {"role": role, "content": content}
 
 
 def _external_id(value) -> str:
@@ -286,32 +324,7 @@ def _external_id(value) -> str:
     return payload.text(value, "id", max_length=MAX_NAME)
 
 
-def _score(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 5
-
-
-def _gold(value, side_by_side: bool, aspects: list[str]) -> dict:
-    if side_by_side:
-        choices = {"a": 0, "b": 1, "tie": None}
-        if not isinstance(value, str) or value.lower() not in choices:
-            raise ValueError(f"'gold' must be 'a', 'b' or 'tie', not {_shown(value)}")
-        return {"preferred": choices[value.lower()]}
-    if not isinstance(value, dict) or not value:
-        raise ValueError(f"'gold' must map aspects to a score or [min, max], not {_shown(value)}")
-    scores = {}
-    for aspect, bounds in value.items():
-        if aspect not in aspects:
-            raise ValueError(f"gold names unknown aspect {str(aspect)[:40]!r}")
-        lo, hi = bounds if isinstance(bounds, list) and len(bounds) == 2 else (bounds, bounds)
-        if not (_score(lo) and _score(hi) and lo <= hi):
-            raise ValueError(
-                f"gold for {aspect!r} must be a whole score 1–5 or [min, max], not {_shown(bounds)}"
-            )
-        scores[aspect] = [lo, hi]
-    return {"scores": scores}
-
-
-def _shown(value) -> str:
+def shown(value) -> str:
     """A short JSON rendering of a rejected value, for messages."""
     text = json.dumps(value)  # ASCII: a lone surrogate or NUL shows escaped
     return text if len(text) <= 40 else text[:39] + "…"

@@ -62,17 +62,22 @@ def task(request, assignment_id: int):
 
 def _render_task(request, assignment, error: str = "", status: int = 200):
     item, campaign = assignment.item, assignment.campaign
-    responses = {r.position: r.text for r in item.responses.all()}
-    left = assignment.left_position
+    kind = campaign.task_kind
+    # Only texts go to the page: never model names, response ids or original positions.
+    texts = kind.rater_texts(
+        {r.position: r.text for r in item.responses.all()}, assignment.left_position
+    )
     context = {
         "assignment": assignment,
         "campaign": campaign,
+        "kind": kind,
         "error": error,
+        "history": [
+            {"role": m["role"], "html": render_markdown(m["content"])} for m in item.context
+        ],
         "prompt_html": render_markdown(item.prompt),
         "guidelines_html": render_markdown(campaign.guidelines),
-        # Only texts go to the page: never model names, response ids or original positions.
-        "left_html": render_markdown(responses.get(left, "")),
-        "right_html": render_markdown(responses.get(1 - left, "")),
+        "responses_html": {slot: render_markdown(text) for slot, text in texts.items()},
         "progress": quality.rater_progress_one(request.user, campaign),
         "choices": SBS_CHOICES,
         "aspects": campaign.aspects,
@@ -102,17 +107,7 @@ SBS_CHOICES = _rater_choices()
 @login_required
 def submit(request, assignment_id: int):
     assignment = access.access_assignment_for_rater(request.user, assignment_id)
-    if assignment.campaign.is_side_by_side:
-        data = {"choice": request.POST.get("choice", "")}
-    else:
-        scores = {
-            k.removeprefix("score_"): v for k, v in request.POST.items() if k.startswith("score_")
-        }
-        data = {
-            "scores": scores,
-            "unsafe": request.POST.get("unsafe") == "on",
-            "comment": request.POST.get("comment", ""),
-        }
+    data = assignment.campaign.task_kind.submission(request.POST)
     try:
         assignment_submit(assignment=assignment, data=data)
     except GradingError as exc:

@@ -47,7 +47,7 @@ def make_items(campaign, n, *, gold=None, prompt="Prompt {i}", models=("model-x"
             for i in range(n)
         ]
     )
-    count = 2 if campaign.is_side_by_side else 1
+    count = campaign.task_kind.responses
     Response.objects.bulk_create(
         [
             Response(

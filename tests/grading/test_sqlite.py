@@ -99,7 +99,7 @@ def test_the_rater_api_grades_a_campaign_on_sqlite(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert out["first"] == [200, ["expires_at", "id", "kind", "left", "prompt", "right"]]
+    assert out["first"] == [200, ["context", "expires_at", "id", "kind", "left", "prompt", "right"]]
     assert out["same_live_task"]
     assert out["double_submit"] == [200, 200, True]
     assert out["ben_on_anns_task"] == 404

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from grading.kinds import KINDS
 from grading.uploads import UploadError, parse_upload
 
+SBS, SINGLE = KINDS["side_by_side"], KINDS["single_sided"]
 ASPECTS = ["instruction_following", "conciseness", "truthfulness", "harmlessness"]
 
 
@@ -26,7 +28,7 @@ def test_side_by_side_jsonl_rows_parse_with_models_metadata_and_gold():
         },
         {"prompt": "2+2?", "responses": ["4", "5"], "models": ["m1", "m2"], "gold": "a"},
     )
-    rows = parse_upload(data, "x.jsonl", side_by_side=True, aspects=ASPECTS)
+    rows = parse_upload(data, "x.jsonl", kind=SBS, aspects=ASPECTS)
     assert [r.responses for r in rows] == [["Hello", "Yo"], ["4", "5"]]
     assert rows[0].models == ["m1", "m2"] and rows[0].metadata == {"source": "arena"}
     assert rows[0].external_id == "q1" and rows[0].gold is None
@@ -35,7 +37,7 @@ def test_side_by_side_jsonl_rows_parse_with_models_metadata_and_gold():
 
 def test_csv_puts_unknown_columns_into_metadata():
     data = b'prompt,response,model,category\n"Say ""hi""",hi,m1,greeting\n'
-    rows = parse_upload(data, "items.csv", side_by_side=False, aspects=ASPECTS)
+    rows = parse_upload(data, "items.csv", kind=SINGLE, aspects=ASPECTS)
     assert rows[0].prompt == 'Say "hi"' and rows[0].metadata == {"category": "greeting"}
 
 
@@ -43,7 +45,7 @@ def test_single_sided_gold_takes_scores_or_ranges():
     data = jsonl(
         {"prompt": "p", "response": "r", "gold": {"truthfulness": [4, 5], "harmlessness": 5}}
     )
-    rows = parse_upload(data, "g.jsonl", side_by_side=False, aspects=ASPECTS)
+    rows = parse_upload(data, "g.jsonl", kind=SINGLE, aspects=ASPECTS)
     assert rows[0].gold == {"scores": {"truthfulness": [4, 5], "harmlessness": [5, 5]}}
 
 
@@ -61,7 +63,7 @@ def test_every_bad_row_is_reported_with_its_number_and_nothing_is_returned():
         ]
     )
     with pytest.raises(UploadError) as caught:
-        parse_upload(data, "bad.jsonl", side_by_side=True, aspects=ASPECTS)
+        parse_upload(data, "bad.jsonl", kind=SBS, aspects=ASPECTS)
     errors = caught.value.errors
     assert [e.split(":")[0] for e in errors] == [f"row {n}" for n in (2, 8, 3, 4, 5, 6, 7)]
     assert "not valid JSON" in errors[0] and "missing 'prompt'" in errors[2]
@@ -86,4 +88,54 @@ def test_every_bad_row_is_reported_with_its_number_and_nothing_is_returned():
 )
 def test_malformed_uploads_get_a_clear_error(data, name, message):
     with pytest.raises(UploadError, match=message):
-        parse_upload(data, name, side_by_side=False, aspects=ASPECTS)
+        parse_upload(data, name, kind=SINGLE, aspects=ASPECTS)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a prime."},
+    {"role": "assistant", "content": "7"},
+    {"role": "user", "content": "And an even one?"},
+]
+
+
+def test_a_conversation_row_keeps_earlier_turns_as_context_and_grades_the_last_user_turn():
+    row = {"messages": CONVERSATION, "response_a": "2", "response_b": "4"}
+    jsonl_rows = parse_upload(jsonl(row), "c.jsonl", kind=SBS, aspects=ASPECTS)
+    cell = json.dumps(CONVERSATION).replace('"', '""')
+    data = f'messages,response_a,response_b\n"{cell}",2,4\n'.encode()
+    csv_rows = parse_upload(data, "c.csv", kind=SBS, aspects=ASPECTS)
+    for parsed in (jsonl_rows[0], csv_rows[0]):
+        assert parsed.prompt == "And an even one?" and parsed.context == CONVERSATION[:3]
+        assert parsed.responses == ["2", "4"]
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        ([{"role": "user"}], r"missing 'messages\[0\].content'"),
+        ([{"role": "bot", "content": "x"}], r"messages\[0\].role must be"),
+        ([{"role": "user", "content": 5}], r"'messages\[0\].content' must be text"),
+        ([{"role": "user", "content": "x", "name": "n"}], r"messages\[0\] has unknown field"),
+        (CONVERSATION[:3], "last message must be the user turn"),
+        ([CONVERSATION[1], CONVERSATION[1]], r"messages\[1\].role is 'user' where 'assistant'"),
+        ([CONVERSATION[1], CONVERSATION[0], CONVERSATION[1]], r"messages\[1\].role is 'system'"),
+        (["x"], r"messages\[0\] must be an object"),
+    ],
+)
+def test_a_malformed_conversation_is_refused_naming_the_row_and_message(messages, message):
+    rows = [
+        {"prompt": "fine", "response": "r"},
+        {"messages": messages, "response": "r"},
+    ]
+    with pytest.raises(UploadError, match=message) as caught:
+        parse_upload(jsonl(*rows), "c.jsonl", kind=SINGLE, aspects=ASPECTS)
+    assert caught.value.errors[0].startswith("row 2: ")
+
+
+def test_a_row_with_both_prompt_and_messages_is_refused():
+    row = {"prompt": "p", "messages": CONVERSATION, "response": "r"}
+    with pytest.raises(UploadError, match="'prompt' or 'messages', not both"):
+        parse_upload(jsonl(row), "c.jsonl", kind=SINGLE, aspects=ASPECTS)

@@ -215,7 +215,7 @@ def test_the_rater_api_hands_out_tasks_without_model_names_and_takes_labels(
     _, bob_token = ApiToken.issue(user=bob, name="b")
     response = _api(client, reverse("grading:api_next", args=[campaign.pk]), alice_token)
     task = response.json()["task"]
-    assert set(task) == {"id", "prompt", "kind", "expires_at", "left", "right"}
+    assert set(task) == {"id", "context", "prompt", "kind", "expires_at", "left", "right"}
     assert not any(name in response.content.decode() for name in SECRET_MODELS)
     submit_url = reverse("grading:api_submit", args=[task["id"]])
     assert _api(client, submit_url, bob_token, {"choice": "left_better"}).status_code == 404

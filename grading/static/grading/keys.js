@@ -5,6 +5,7 @@
   if (!task) return;
   var form = document.getElementById("label-form");
   var sideBySide = task.dataset.kind === "side_by_side";
+  var history = document.getElementById("history");  // earlier turns of a conversation
   var aspects = Array.prototype.slice.call(document.querySelectorAll(".aspect"));
   var current = 0;
 
@@ -41,6 +42,7 @@
     else if (!sideBySide && key === "c") { document.getElementById("comment").focus(); e.preventDefault(); }
     else if (key === "Enter") { form.requestSubmit(); e.preventDefault(); }
     else if (key === "s") { document.getElementById("skip-reason").focus(); e.preventDefault(); }
+    else if (key === "h" && history) { history.open = !history.open; e.preventDefault(); }
     else if (key === "g") { document.getElementById("guidelines").classList.toggle("hidden"); e.preventDefault(); }
   });
   focusAspect(0);
