@@ -158,3 +158,27 @@ def test_a_generation_job_naming_an_unknown_prompt_set_is_refused_at_submission(
     with pytest.raises(ParamError) as err:
         job_submit(kind="generate", params={"models": [two_models[0].pk], "source": "mt-bench"})
     assert err.value.field == "params.source"
+
+
+def test_a_single_sided_campaign_grades_every_turn_with_the_earlier_turns_as_context(two_models):
+    prompt_set_import(name="mt-bench", data=MT_BENCH.read_bytes(), filename="question.jsonl")
+    model = two_models[0]
+    job = _run(
+        {
+            "models": [model.pk],
+            "prompt_set": "mt-bench@1",
+            "max_new_tokens": 3,
+            "campaign": {"name": "mt single", "overlap": 1},
+        }
+    )
+    assert job.status == "succeeded", job.error
+    campaign = Campaign.objects.get(pk=job.result["campaign_id"])
+    assert campaign.kind == "single_sided" and campaign.items.count() == 6  # 3 questions × 2 turns
+    first = campaign.items.get(metadata__record="111", metadata__turn=1)
+    second = campaign.items.get(metadata__record="111", metadata__turn=2)
+    turn1 = first.responses.get().text
+    assert first.prompt == "What is 17 multiplied by 3?" and first.context == []
+    assert second.prompt.startswith("Now add 9") and second.context == [
+        {"role": "user", "content": "What is 17 multiplied by 3?"},
+        {"role": "assistant", "content": turn1},
+    ]
