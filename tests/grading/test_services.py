@@ -222,3 +222,15 @@ def test_an_import_is_all_or_nothing():
     assert Item.objects.count() == 2
     item = Item.objects.first()
     assert [(r.position, r.model_name) for r in item.responses.all()] == [(0, "m1"), (1, "m2")]
+
+
+def test_a_conversation_item_is_claimed_with_its_earlier_turns(alice):
+    from tests.grading.conversations import upload_conversations
+
+    campaign = make_campaign(overlap=1)
+    conversations = upload_conversations(campaign, 2)
+    a = assignment_claim(rater=alice, campaign=campaign)
+    assert a.item.context == conversations[0][:-1] and a.item.messages == conversations[0]
+    assert a.item.prompt == conversations[0][-1]["content"]
+    label = assignment_submit(assignment=a, data={"choice": "right_better"})
+    assert label.level == "better" and label.picked_left is False
