@@ -115,3 +115,48 @@ def test_script_and_onerror_payloads_in_model_output_render_inert(page: Page, li
     )
     expect(page.locator(".response").first).to_contain_text("<script>document.title='pwned'")
     expect(page.locator(".response strong").first).to_have_text("answer")
+
+
+def test_a_rater_grades_turn_two_of_a_conversation_with_the_keyboard(
+    page: Page, live_server, alice
+):
+    from tests.grading.conversations import FIRST, REPLY, SYSTEM, upload_conversations
+
+    campaign = make_campaign(name="Chats", overlap=1)
+    conversations = upload_conversations(campaign, 1)
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    _keyboard_login(page, live_server.url, "alice")
+    expect(page.locator("button[autofocus]")).to_be_focused()
+    page.keyboard.press("Enter")
+    _task_ready(page)
+
+    history = page.locator("#history")
+    expect(history).to_have_attribute("open", "")
+    turns = history.locator(".turn")
+    expect(turns).to_have_count(3)
+    expect(turns.nth(0)).to_contain_text(SYSTEM["content"])
+    expect(turns.nth(1).locator(".role")).to_have_text("User")
+    expect(turns.nth(1)).to_contain_text("<script>window.__xss=1</script>")  # shown as text
+    expect(turns.nth(1).locator("strong")).to_have_text("prime")
+    expect(turns.nth(2)).to_contain_text(REPLY["content"])
+    graded = page.locator("#graded-turn.graded-turn")
+    expect(graded).to_contain_text(conversations[0][-1]["content"])
+    assert FIRST["content"][:10] not in graded.inner_text()
+    # The earlier turns are quieter than the graded one.
+    size = "el => parseFloat(getComputedStyle(el).fontSize)"
+    assert history.evaluate(size) < graded.locator(".md").evaluate(size)
+    assert "secret-model" not in page.content()
+
+    page.keyboard.press("h")  # fold the history away and back
+    expect(history).not_to_have_attribute("open", "")
+    page.keyboard.press("h")
+    expect(history).to_have_attribute("open", "")
+    page.keyboard.press("9")  # B is better
+    page.keyboard.press("Enter")
+    expect(page.get_by_text("No more tasks")).to_be_visible()
+
+    label = Label.objects.get(campaign=campaign)
+    assert label.level == "better" and label.picked_left is False
+    assert label.preferred.position == 1 - label.assignment.left_position
+    assert page.evaluate("window.__xss") is None and dialogs == []
