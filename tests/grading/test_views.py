@@ -304,3 +304,40 @@ def test_the_admin_checks_thresholds_too(admin_user):
     from grading.admin import CampaignAdmin
 
     assert CampaignAdmin.form.__name__ == "CampaignForm"
+
+
+def test_a_bad_conversation_upload_is_a_400_naming_the_row_and_message_and_imports_nothing(
+    login, carol
+):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    campaign = make_campaign()
+    good = {"role": "user", "content": "<b>hi</b>"}
+    rows = [
+        {"messages": [good], "response_a": "a", "response_b": "b"},
+        {
+            "messages": [good, {"role": "user", "content": "x"}],
+            "response_a": "a",
+            "response_b": "b",
+        },
+    ]
+    upload = SimpleUploadedFile("chats.jsonl", "\n".join(map(json.dumps, rows)).encode())
+    response = login(carol).post(reverse("grading:upload", args=[campaign.pk]), {"file": upload})
+    page = response.content.decode()
+    assert response.status_code == 400 and "Nothing was imported" in page
+    assert "row 2: messages[1].role is &#x27;user&#x27; where &#x27;assistant&#x27;" in page
+    assert Item.objects.filter(campaign=campaign).count() == 0
+
+
+def test_the_rater_api_gives_a_conversations_earlier_turns_without_model_names(client, alice):
+    from core.models import ApiToken
+    from tests.grading.conversations import upload_conversations
+
+    campaign = make_campaign(overlap=1)
+    conversations = upload_conversations(campaign, 1)
+    _, token = ApiToken.issue(user=alice, name="a")
+    task = _api(client, reverse("grading:api_next", args=[campaign.pk]), token).json()["task"]
+    assert task["context"] == conversations[0][:-1]
+    assert task["prompt"] == conversations[0][-1]["content"]
+    assert {task["left"], task["right"]} == {"Two (0).", "Four (0)."}
+    assert "secret-model" not in json.dumps(task)
