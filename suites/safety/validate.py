@@ -3,6 +3,10 @@
     python -m suites.safety.validate --train   # fit the MiniLM heads on the train split
     python -m suites.safety.validate --write   # score judges on the test split, write
                                                # agreement.json and print the README table
+    python -m suites.safety.validate --rubric CHECKPOINT --sample 20 --write
+        # the StrongREJECT-rubric LLM judge run by a model (an EvalHub checkpoint directory,
+        # or a .gguf/HF directory run by transformers) on a seeded sample of each task's
+        # test rows: LLM judging is slow on a CPU, so its figures say how many rows they hold
 
 Rows are split by prompt (`humanlabels.split_of`), so no test prompt was seen in training or
 in tuning the rules (the rules' v2 patterns were written from train-split misses and the
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from suites.safety.humanlabels import AGREEMENT_PATH, TASKS, Labelled, fmt, load_split, per_category
@@ -41,14 +47,36 @@ def verdicts(judge: Judge, rows: Sequence[Labelled]) -> list[Verdict]:
     return [judge.judge(r.prompt, r.response) for r in rows]
 
 
-def evaluate(judge: Judge, split: str = "test") -> dict[str, Any]:
-    """task -> {"all": metrics, category: metrics, ...} on one split."""
+def evaluate(judge: Judge, split: str = "test", sample: int | None = None) -> dict[str, Any]:
+    """task -> {"all": metrics, category: metrics, ...} on one split; with `sample`, on that
+    many rows per task drawn with a fixed seed (`sampled`). Verdicts whose reason says
+    "unparseable" (LLM judges) are counted in "all"'s `unparseable`."""
     out = {}
     for task in TASKS:
-        rows = load_split(task, split)
-        predicted = [getattr(v, FIELD[task]) for v in verdicts(judge, rows)]
-        out[task] = per_category(rows, predicted)
+        rows = sampled(load_split(task, split), sample)
+        judged = verdicts(judge, rows)
+        out[task] = per_category(rows, [getattr(v, FIELD[task]) for v in judged])
+        out[task]["all"]["unparseable"] = sum(v.reason == "unparseable" for v in judged)
     return out
+
+
+def sampled(rows: Sequence[Labelled], n: int | None, seed: int = 0) -> list[Labelled]:
+    """`n` rows drawn without replacement with `seed`, in their original order; all if None."""
+    if n is None or n >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
+
+
+def rubric_judge(location: str):
+    """The StrongREJECT-rubric judge run by the model at `location`: an EvalHub checkpoint
+    directory (builtin engine) or a .gguf file / Hugging Face directory (transformers)."""
+    from models.backends import load_backend
+    from suites.safety.rubric import StrongRejectJudge
+
+    path = Path(location)
+    kind = "builtin" if (path / "model.safetensors").exists() else "hf"
+    return StrongRejectJudge(load_backend(kind, str(path)), model=path.stem)
 
 
 def train_learned(version: str = "1"):
@@ -95,14 +123,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="fit and save the learned judge")
     parser.add_argument("--write", action="store_true", help="write agreement.json")
+    parser.add_argument("--rubric", metavar="MODEL", help="score only the StrongREJECT judge")
+    parser.add_argument("--sample", type=int, help="rows per task (seeded) for --rubric")
     args = parser.parse_args(argv)
     from suites.safety.learned import EmbeddingJudge
 
-    learned = train_learned() if args.train else EmbeddingJudge.load()
-    judges: list[Judge] = [HarmBenchSubstringJudge(), RefusalJudge(), learned]
-    results = {f"{j.name}@{getattr(j, 'version', '1')}": evaluate(j) for j in judges}
-    if args.write:
-        AGREEMENT_PATH.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    if args.rubric:
+        judges: list[Judge] = [rubric_judge(args.rubric)]
+    else:
+        learned = train_learned() if args.train else EmbeddingJudge.load()
+        judges = [HarmBenchSubstringJudge(), RefusalJudge(), learned]
+    sample = args.sample if args.rubric else None
+    results = {f"{j.name}@{getattr(j, 'version', '1')}": evaluate(j, sample=sample) for j in judges}
+    if args.write:  # other judges' recorded figures stay
+        recorded = json.loads(AGREEMENT_PATH.read_text()) if AGREEMENT_PATH.exists() else {}
+        recorded.update(results)
+        AGREEMENT_PATH.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     print(table(results))
     for task in ("objective", "harm"):
         print(f"\n{task}\n" + category_table(results, task))
