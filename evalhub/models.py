@@ -161,3 +161,28 @@ class PromptSet(models.Model):
             "version": self.version,
             "hash": self.content_hash,
         }
+
+
+class JudgeVerdict(models.Model):
+    """An LLM judge's verdict on one grading item, made by a ``judge`` job (evalhub/judging.py).
+    Researchers only: raters never see judge prompts, outputs or verdicts."""
+
+    SINGLE, PAIRWISE = "single", "pairwise"
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="judge_verdicts")
+    item = models.ForeignKey("grading.Item", on_delete=models.CASCADE, related_name="+")
+    mode = models.CharField(max_length=10, choices=[(SINGLE, SINGLE), (PAIRWISE, PAIRWISE)])
+    prompt = models.CharField(max_length=40)  # suites.llm_judge.PROMPTS name
+    # Pairwise, by uploaded position (A = response 0): "A", "B", "tie"; "" when unparseable.
+    winner = models.CharField(max_length=4, blank=True)
+    consistent = models.BooleanField(null=True)  # the swapped order gave the same verdict
+    rating = models.FloatField(null=True, blank=True)  # single: 1–10; null when unparseable
+    outputs = models.JSONField(default=list)  # the judge's raw output per order
+
+    class Meta:
+        ordering = ["item_id"]
+        constraints = [models.UniqueConstraint(fields=["job", "item"], name="uniq_judge_verdict")]
+
+    @property
+    def parsed(self) -> bool:
+        return bool(self.winner) if self.mode == self.PAIRWISE else self.rating is not None
