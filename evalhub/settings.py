@@ -6,6 +6,8 @@ Embedded default (no variables set): SQLite and a Celery broker on a local SQLit
 ``EVALHUB_HTTPS=true``; see compose.yaml. Malformed values fail loudly at start-up.
 """
 
+import hashlib
+import hmac
 import os
 import secrets
 from pathlib import Path
@@ -91,6 +93,24 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+
+# The inference server (``manage.py inferenceserver``, ``models/serving``): the one process that
+# loads models for /v1, so web workers never do. The web app authenticates to it with this
+# token, by default derived from SECRET_KEY so every process of one installation agrees.
+INFERENCE_URL = env_str("EVALHUB_INFERENCE_URL", "http://127.0.0.1:8100").rstrip("/")
+INFERENCE_TOKEN = (
+    env_str("EVALHUB_INFERENCE_TOKEN")
+    or hmac.new(SECRET_KEY.encode(), b"evalhub-inference", hashlib.sha256).hexdigest()
+)
+# Seconds /v1 waits for the server's answer: a model loading plus a long generation.
+INFERENCE_TIMEOUT = env_int("EVALHUB_INFERENCE_TIMEOUT", 600)
+# Most rows the server decodes together per model (continuous batching).
+INFERENCE_MAX_BATCH = env_int("EVALHUB_INFERENCE_MAX_BATCH", 16)
+# Generation jobs and eval runs: load the model in the Celery worker (False, the default: a
+# job's big batches keep the worker busy on their own and never queue behind chat traffic),
+# or send every call to the inference server (True: one copy of each model for the whole
+# deployment, batches shared with /v1, for machines that cannot hold a second copy).
+JOBS_USE_INFERENCE_SERVER = env_bool("EVALHUB_JOBS_USE_INFERENCE_SERVER", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 

@@ -193,6 +193,14 @@ class KVCache:
         self.length = int(lengths.max())
         self.lengths = None if int(lengths.min()) == self.length else lengths
 
+    def rows(self, n: int) -> KVCache:
+        """A cache over this one's first ``n`` rows, sharing its storage (continuous batching,
+        ``models.engine``, keeps its live rows there). Lengths are the caller's to set."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]  # each layer's rows stay contiguous
+        view.capacity, view.length, view.lengths = self.capacity, self.length, None
+        return view
+
     def slots(self, T: int) -> torch.Tensor | None:
         """(B, T) slots each row's next T tokens go to when rows have their own lengths; None
         when they all go to [length, length + T)."""

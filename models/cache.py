@@ -29,11 +29,18 @@ class ModelCache:
     never wait for it; concurrent requests for the same key load it once.
     """
 
-    def __init__(self, budget_bytes: int, size: Callable[[Any], int] | None = None) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        size: Callable[[Any], int] | None = None,
+        on_evict: Callable[[Any], None] | None = None,
+    ) -> None:
+        """on_evict: called with each evicted value (to stop what it runs, e.g. an engine)."""
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
         self._size = size or nbytes
+        self._on_evict = on_evict
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()  # oldest first
         self._lock = threading.Lock()
         self._loading: dict[Hashable, threading.Lock] = {}  # one lock per key being loaded
@@ -71,11 +78,19 @@ class ModelCache:
     def _evict_for(self, size: int) -> None:
         """Drop least recently used entries until ``size`` more bytes fit. Lock held."""
         while self._entries and self.used_bytes + size > self.budget_bytes:
-            self._entries.popitem(last=False)
+            _, (value, _) = self._entries.popitem(last=False)
+            if self._on_evict is not None:
+                self._on_evict(value)
 
     @property
     def used_bytes(self) -> int:
         return sum(size for _, size in self._entries.values())
+
+    def peek(self, key: Hashable) -> Any | None:
+        """The cached value for ``key`` without marking it used, or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry[0]
 
     def keys(self) -> list[Hashable]:
         """Cached keys, least recently used first."""
@@ -92,7 +107,11 @@ class ModelCache:
 
     def clear(self) -> None:
         with self._lock:
+            values = [value for value, _ in self._entries.values()]
             self._entries.clear()
+        if self._on_evict is not None:
+            for value in values:
+                self._on_evict(value)
 
 
 def nbytes(obj: Any, depth: int = 3) -> int:

@@ -352,3 +352,64 @@ def loglikelihood(
             results[idx[r]] = (float(token_lp[span].sum()), bool(hits[span].all()))
             offset += len(t)
     return results
+
+
+@dataclass(frozen=True)
+class EchoScores:
+    """A sequence's tokens scored by the model (OpenAI's ``echo`` with ``logprobs``):
+    ``logprobs[i]`` and ``top[i]`` are for token i + 1 given the tokens before it (token 0 has
+    no context), ``next`` the greedy token after the whole sequence with its log-prob and top."""
+
+    logprobs: list[float]  # (T - 1,)
+    top: list[list[tuple[int, float]]]  # (T - 1, k) most likely first
+    next: tuple[int, float, list[tuple[int, float]]]
+
+
+@torch.inference_mode()
+def echo_scores(
+    model: AFM, seqs: Sequence[Sequence[int]], *, top: int = 1, batch_tokens: int = 4096
+) -> list[EchoScores]:
+    """Every token's log-probability given the tokens before it, for each sequence of token
+    ids, and the ``top`` most likely tokens at each position: what lm-evaluation-harness's
+    ``local-completions`` client reads from ``echo`` + ``logprobs`` to score a continuation.
+
+    Sequences run longest first, right-padded (causal attention never looks ahead, so padding
+    needs no mask) in batches of about ``batch_tokens`` tokens; log-softmax runs one sequence at
+    a time so memory stays at one (T, vocab) block.
+    """
+    for seq in seqs:
+        if not seq or len(seq) > model.cfg.max_seq_len:
+            raise ValueError(
+                f"a sequence needs 1 to {model.cfg.max_seq_len} tokens, got {len(seq)}"
+            )
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    results: list[EchoScores | None] = [None] * len(seqs)
+    device = model.device
+    b = 0
+    while b < len(order):
+        width = len(seqs[order[b]])
+        n = max(1, batch_tokens // width)
+        idx = order[b : b + n]
+        b += len(idx)
+        tokens = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            tokens[r, : len(seqs[i])] = torch.tensor(list(seqs[i]))
+        hidden = model.trunk(tokens.to(device))  # (b, width, dim)
+        for r, i in enumerate(idx):
+            T = len(seqs[i])
+            logprobs = F.log_softmax(model.head(hidden[r, :T]).float(), dim=-1)  # (T, V)
+            targets = tokens[r, 1:T].to(device)  # (T - 1,)
+            own = logprobs[:-1].gather(-1, targets[:, None]).squeeze(-1)  # (T - 1,)
+            k = max(1, top)
+            values, ids = logprobs.topk(k, dim=-1)  # (T, k)
+            pairs = [
+                list(zip(a, v, strict=True))
+                for a, v in zip(ids.tolist(), values.tolist(), strict=True)
+            ]
+            best = pairs[-1][0]
+            results[i] = EchoScores(
+                logprobs=own.tolist(),
+                top=pairs[:-1] if top > 0 else [[] for _ in range(T - 1)],
+                next=(best[0], best[1], pairs[-1] if top > 0 else []),
+            )
+    return results  # type: ignore[return-value]

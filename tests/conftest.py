@@ -79,3 +79,28 @@ def browser_type_launch_args(browser_type_launch_args):
 def fast_password_hashing(settings):
     # PBKDF2 costs ~0.5 s a user on this CPU; tests create many users and don't test hashing.
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(scope="session")
+def inference_app():
+    """A real inference server (``models.serving``) on a free local port, in a thread of the
+    test process: its models load once per session, like the server's own process does."""
+    import threading
+
+    from models.serving.server import InferenceServer, make_http_server
+
+    app = InferenceServer(max_batch=8, token="test-inference-token")
+    http = make_http_server(app, "127.0.0.1", 0)
+    threading.Thread(target=http.serve_forever, name="inference", daemon=True).start()
+    app.url = f"http://127.0.0.1:{http.server_address[1]}"
+    yield app
+    http.shutdown()
+    app.models.clear()
+
+
+@pytest.fixture
+def inference_server(inference_app, settings):
+    """/v1 forwards to ``inference_app`` for this test."""
+    settings.INFERENCE_URL = inference_app.url
+    settings.INFERENCE_TOKEN = inference_app.token
+    return inference_app

@@ -5,7 +5,7 @@ Nothing here imports torch: ``openai_http`` uses it without loading a model libr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -57,6 +57,21 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def stop_check(tok: TextTokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
+    """``new_ids -> True`` once any of ``stop`` appears in their text; None without stops.
+    A stop string that just appeared lies within the newest few tokens (each token decodes
+    to at least one character), so only the tail is decoded every step."""
+    if not stop:
+        return None
+    tail = max(len(s) for s in stop) + 4
+
+    def check(new_ids: list[int]) -> bool:
+        text = tok.decode(new_ids[-tail:], skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    return check
+
+
 class TokenBackend:
     """Text <-> token plumbing for backends whose model works on token ids.
 
@@ -86,16 +101,8 @@ class TokenBackend:
         """``generate``; ``route`` goes to ``_generate_ids`` (the builtin engine's adapters)."""
         tok = self.tokenizer
         ids = [tok.encode(p) for p in prompts]
-        should_stop = None
-        if args.stop:
-            # A stop string that just appeared lies within the newest few tokens (each token
-            # decodes to at least one character), so only the tail is decoded every step.
-            tail = max(len(s) for s in args.stop) + 4
-
-            def should_stop(row: int, new_ids: list[int]) -> bool:
-                text = tok.decode(new_ids[-tail:], skip_special_tokens=True)
-                return any(s in text for s in args.stop)
-
+        check = stop_check(tok, args.stop)
+        should_stop = None if check is None else (lambda row, new_ids: check(new_ids))
         outputs = self._generate_ids(ids, args, should_stop, **route)
         return [cut_at_stop(tok.decode(o, skip_special_tokens=True), args.stop) for o in outputs]
 

@@ -37,6 +37,8 @@ class OpenAIHTTPBackend:
     concurrency: maximum simultaneous requests.
     chat_template_from: checkpoint or tokenizer directory whose chat template formats
         messages; the server's own template is not visible through /completions.
+    extra_body: fields added to every request body (EvalHub's inference server reads which
+        model to load from one).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class OpenAIHTTPBackend:
         concurrency: int = 4,
         chat_template_from: str | os.PathLike | None = None,
         transport: httpx.BaseTransport | None = None,
+        extra_body: dict | None = None,
     ):
         self.base_url = location.rstrip("/")
         self.model = model
@@ -67,6 +70,7 @@ class OpenAIHTTPBackend:
             limits=httpx.Limits(max_connections=concurrency),
         )
         self._chat_template_from = chat_template_from
+        self.extra_body = dict(extra_body or {})
         self._tokenizer: TextTokenizer | None = None
 
     # ------------------------------------------------------------------------- transport
@@ -77,7 +81,7 @@ class OpenAIHTTPBackend:
                 time.sleep(self._delay(attempt, retry_after))
                 retry_after = None
             try:
-                response = self._client.post(path, json=body)
+                response = self._client.post(path, json={**body, **self.extra_body})
             except httpx.TransportError as e:  # connect/read/write errors and timeouts
                 error = f"{type(e).__name__}: {e}"
                 continue

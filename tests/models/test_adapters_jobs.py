@@ -92,7 +92,9 @@ def test_a_task_adapter_trains_from_a_campaign_and_peft_loads_it(base, campaign)
     torch.testing.assert_close(reference, mine, rtol=1e-4, atol=1e-4)
 
 
-def test_a_task_adapter_starts_from_the_recovery_adapter_and_shares_its_base(base, client, carol):
+def test_a_task_adapter_starts_from_the_recovery_adapter_and_shares_its_base(
+    base, client, carol, inference_server
+):
     compressed = _run(
         "compress",
         {

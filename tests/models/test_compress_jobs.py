@@ -123,6 +123,7 @@ def test_a_recovery_adapter_closes_part_of_the_gap_and_is_served_through_v1(
     parent,  # noqa: F811
     client,
     carol,
+    inference_server,
 ):
     client.force_login(carol)
     compressed = _compress(

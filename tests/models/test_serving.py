@@ -15,7 +15,7 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture
-def served(smollm2_checkpoint, carol):
+def served(smollm2_checkpoint, carol, inference_server):
     model = ModelVersion.objects.create(
         name="smollm2", backend="builtin", location=str(smollm2_checkpoint)
     )

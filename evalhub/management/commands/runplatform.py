@@ -1,7 +1,10 @@
-"""Run the web server, a Celery worker and Celery beat together; Ctrl-C stops all of them.
+"""Run the web server, the inference server, a Celery worker and Celery beat together;
+Ctrl-C stops all of them.
 
-The worker and beat are real separate processes (not eager mode), exactly as in production;
-only the database and broker default to local files.
+They are real separate processes (not eager mode), exactly as in production; only the
+database and broker default to local files. Models for /v1 load in the inference server
+alone; gunicorn runs threaded workers that only check and forward those requests, so a long
+generation holds a thread, never a whole worker, and never trips gunicorn's worker timeout.
 """
 
 import os
@@ -15,21 +18,25 @@ from django.core.management.base import BaseCommand
 
 
 class Command(BaseCommand):
-    help = "Start gunicorn, a Celery worker (queues default and models) and beat."
+    help = "Start gunicorn, the inference server, a Celery worker (default and models) and beat."
 
     def add_arguments(self, parser):
         parser.add_argument("--bind", default="127.0.0.1:8000")
-        # gunicorn's advice for sync workers: (2 x cores) + 1
+        # gunicorn's advice: (2 x cores) + 1 workers, each with threads for slow /v1 answers
         parser.add_argument("--web-workers", type=int, default=2 * (os.cpu_count() or 1) + 1)
+        parser.add_argument("--web-threads", type=int, default=8)
         parser.add_argument("--concurrency", type=int, default=2)
 
-    def handle(self, *args, bind: str, web_workers: int, concurrency: int, **options):
+    def handle(
+        self, *args, bind: str, web_workers: int, web_threads: int, concurrency: int, **options
+    ):
         py = sys.executable
         celery = [py, *"-m celery -A evalhub".split()]
         commands = {
             "web": [py, "-m", "gunicorn", "evalhub.wsgi", "--preload", "--bind", bind,
-                    "--workers", str(web_workers),
-                    "--access-logfile", "-"],
+                    "--workers", str(web_workers), "--worker-class", "gthread",
+                    "--threads", str(web_threads), "--access-logfile", "-"],
+            "inference": [py, str(settings.BASE_DIR / "manage.py"), "inferenceserver"],
             "worker": [*celery, "worker", "-Q", "default,models", "--concurrency",
                        str(concurrency), "--loglevel", "INFO"],
             "beat": [*celery, "beat", "--loglevel", "INFO",

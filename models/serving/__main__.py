@@ -1,0 +1,3 @@
+from models.serving.server import main
+
+main()
