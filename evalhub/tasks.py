@@ -656,3 +656,36 @@ def adapter_train(job: Job) -> dict:
     from evalhub.compression import run_task_adapter
 
     return run_task_adapter(job)
+
+
+JUDGE = Params(
+    (
+        Param(
+            "campaign_id",
+            int,
+            "the grading campaign whose items are judged",
+            required=True,
+            choices=Rows(Campaign.objects.all()),
+            choices_doc="the id of a grading campaign",
+        ),
+        Param(
+            "model_id",
+            int,
+            "the judge: any registered model (an OpenAI-compatible endpoint is an openai_http one)",
+            required=True,
+            choices=Rows(ModelVersion.objects.exclude(kind=ModelVersion.REWARD)),
+            choices_doc="the id of a registered policy or adapter model",
+        ),
+        Param("limit", int, "judge the first N regular items (default: all)", min=1),
+        Param("max_new_tokens", int, "judge output cap", default=512, min=8, max=4096),
+        Param("swap", bool, "pairwise: judge both orders (MT-Bench)", default=True),
+    )
+)
+
+
+@job_task(kind="judge", params=JUDGE, queue="models", soft_time_limit=12 * 3600)
+def judge(job: Job) -> dict:
+    """An LLM judge grades a campaign's items (pairwise with swap, or 1-10) beside the raters."""
+    from evalhub.judging import run_judge
+
+    return run_judge(job)

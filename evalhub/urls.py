@@ -2,7 +2,15 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from evalhub import itec_views, model_views, promptset_views, run_views, serving, views
+from evalhub import (
+    itec_views,
+    judge_views,
+    model_views,
+    promptset_views,
+    run_views,
+    serving,
+    views,
+)
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -47,6 +55,11 @@ urlpatterns = [
     path("v1/models", serving.list_models, name="v1_models"),
     path("v1/chat/completions", serving.chat_completions, name="v1_chat"),
     path("v1/completions", serving.completions, name="v1_completions"),
+    path(
+        "grading/campaigns/<int:campaign_id>/judges/",
+        judge_views.campaign_judges,
+        name="campaign_judges",
+    ),
     path("grading/", include("grading.urls")),
     path("admin/", admin.site.urls),
 ]
