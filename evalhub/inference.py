@@ -6,6 +6,7 @@ Web workers never load a model: /v1 checks the caller and the request here, then
 which holds one copy of each model and batches every caller's requests together, answers.
 """
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -119,3 +120,26 @@ def server_backend(model: ModelVersion):
         chat_template_from=model.location if model.backend == "builtin" else None,
         extra_body={"evalhub": spec},
     )
+
+
+def chat_deltas(model: ModelVersion, messages: list[dict], **params) -> Iterator[str]:
+    """The text of a streamed chat completion from the server, delta by delta (the model
+    page's prompt box). Raises ``Unavailable``, or ``RuntimeError`` with the server's error."""
+    body = {"model": model.name, "messages": messages, "stream": True, **params}
+    status, answer = forward(
+        "/v1/chat/completions", {**body, "evalhub": spec_for(model)}, stream=True
+    )
+    if isinstance(answer, dict):
+        raise RuntimeError(answer.get("error", {}).get("message", f"HTTP {status}"))
+    buffer = b""
+    for raw in answer:
+        buffer += raw
+        while b"\n\n" in buffer:
+            event, buffer = buffer.split(b"\n\n", 1)
+            data = event.decode().removeprefix("data: ").strip()
+            if data == "[DONE]":
+                return
+            for choice in json.loads(data).get("choices", []):
+                delta = choice.get("delta", {}).get("content")
+                if delta:
+                    yield delta

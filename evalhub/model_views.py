@@ -8,12 +8,10 @@ from django.views.decorators.http import require_POST
 from core.access import researcher_required
 from core.jobs import job_submit
 from core.params import ParamError
+from evalhub import inference
 from evalhub.compression import compression_table
 from evalhub.models import ModelVersion
-from evalhub.registry import backend_for
 from grading.models import Campaign
-from models.backends import BackendError, GenerationArgs
-from models.backends.streaming import stream_text
 from suites import REGISTRY
 
 
@@ -357,14 +355,14 @@ def model_try(request, model_id: int):
             content_type="text/plain; charset=utf-8",
         )
     data = form.cleaned_data
-    args = GenerationArgs(max_new_tokens=data["max_tokens"], temperature=data["temperature"])
+    messages = [{"role": "user", "content": data["prompt"]}]
 
-    def deltas():
+    def deltas():  # from the inference server: web workers never load a model
         try:
-            backend = backend_for(model)
-            prompt = backend.chat_format([{"role": "user", "content": data["prompt"]}])
-            yield from stream_text(backend, prompt, args)
-        except BackendError as exc:
+            yield from inference.chat_deltas(
+                model, messages, max_tokens=data["max_tokens"], temperature=data["temperature"]
+            )
+        except (inference.Unavailable, RuntimeError) as exc:
             yield f"\n[error: {exc}]"
 
     response = StreamingHttpResponse(deltas(), content_type="text/plain; charset=utf-8")

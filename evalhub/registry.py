@@ -123,7 +123,14 @@ def backend_for(model: ModelVersion) -> Backend:
     """A loaded backend for a registered model, from the process's model cache. A builtin
     model with an ``adapter`` parameter (kind adapter) is a view over its base's backend,
     the adapter taken from ``ADAPTERS`` per call: every adapter of one base, and the base
-    itself, share one loaded copy of it."""
+    itself, share one loaded copy of it.
+
+    With ``settings.JOBS_USE_INFERENCE_SERVER``, built-in models are not loaded here at all:
+    the backend sends every call to the inference server (``evalhub.inference``)."""
+    if settings.JOBS_USE_INFERENCE_SERVER and model.backend == "builtin":
+        from evalhub.inference import server_backend
+
+        return server_backend(model)
     params = dict(model.params)
     builtin = model.backend == "builtin"
     adapter = params.pop("adapter", None) if builtin else None
