@@ -56,7 +56,9 @@ class Param:
 
 @dataclass(frozen=True)
 class Rule:
-    """A check across fields: ``ok(params)`` must hold, else ``field`` is named with ``doc``."""
+    """A check across fields: ``ok(params)`` (the checked params) must hold, else the error is
+    the field's path followed by ``doc``, which is written to complete that sentence
+    ("params.temperature" + "must be above 0 with a reranker")."""
 
     doc: str
     field: str

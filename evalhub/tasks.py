@@ -484,7 +484,7 @@ ITEC_ROUND = TRAINING.without("model_id").extend(
         "campaign",
         dict,
         "publish the committee's samples as a side-by-side campaign",
-        fields=GENERATED_CAMPAIGN.without("kind"),
+        fields=GENERATED_CAMPAIGN.without("kind", "turn"),  # always side by side, one turn
     ),
     rules=(one_of("prompts", "source"), one_of("reward_model", "retrain_from")),
 )

@@ -101,6 +101,11 @@ CASES = {
         {"model_id": "policy", "source": "alpaca-eval", "suites": ["ifeval", "hellaswag"]},
         "params.suites[1]",
     ),
+    "judge": (
+        {"campaign_id": "campaign", "model_id": "policy", "swap": False},
+        {"campaign_id": "campaign", "model_id": "reward"},
+        "params.model_id",
+    ),
     "grading.export": (
         {"campaign_id": "campaign", "format": "csv", "include_ties": True},
         {"campaign_id": "campaign", "format": "xlsx"},
