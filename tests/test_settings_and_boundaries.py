@@ -106,13 +106,15 @@ def test_models_and_suites_never_import_django():
 def test_compose_runs_the_commands_the_integration_tests_run():
     import yaml
 
-    from tests.services import BEAT_ARGS, WEB_ARGS, WORKER_ARGS
+    from tests.services import BEAT_ARGS, INFERENCE_ARGS, WEB_ARGS, WORKER_ARGS
 
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     web = [a.format(bind="0.0.0.0:8000") for a in WEB_ARGS]
     assert services["web"]["command"] == ["python", *web]
     assert services["worker"]["command"] == ["python", *WORKER_ARGS]
     assert services["beat"]["command"] == ["python", *BEAT_ARGS]
+    assert services["inference"]["command"] == ["python", *INFERENCE_ARGS]
+    assert "healthcheck" in services["inference"]
     assert {"postgres", "redis"} <= set(services)
 
 
