@@ -365,9 +365,38 @@ class EchoScores:
     next: tuple[int, float, list[tuple[int, float]]]
 
 
+class EchoMemo:
+    """The last sequence ``echo_scores`` ran, with its keys/values, hidden states and scores,
+    so that the next sequence sharing its beginning runs only the tokens after the shared part.
+    lm-evaluation-harness's ``local-completions`` client scores a multiple-choice question as one
+    request per choice, each the whole few-shot context again: with a memo the context runs once
+    per subject, each question's own text once, and each choice's one or two tokens.
+    Not thread-safe: one per model, used by the thread that owns the model."""
+
+    def __init__(self, block: int = 512) -> None:
+        self.block = block
+        self.ids: list[int] = []
+        self.top_k = 0
+        self.cache: KVCache | None = None
+        self.hidden: torch.Tensor | None = None  # (T, dim)
+        self.logprobs: list[float] = []  # (T - 1,)
+        self.top: list[list[tuple[int, float]]] = []  # (T - 1, k)
+
+    def shared(self, seq: Sequence[int], top_k: int) -> int:
+        """How many leading tokens of ``seq`` the memo holds (0 if its scores are of another k)."""
+        if self.cache is None or top_k != self.top_k:
+            return 0
+        return len(os.path.commonprefix([self.ids, list(seq)]))
+
+
 @torch.inference_mode()
 def echo_scores(
-    model: AFM, seqs: Sequence[Sequence[int]], *, top: int = 1, batch_tokens: int = 4096
+    model: AFM,
+    seqs: Sequence[Sequence[int]],
+    *,
+    top: int = 1,
+    batch_tokens: int = 4096,
+    memo: EchoMemo | None = None,
 ) -> list[EchoScores]:
     """Every token's log-probability given the tokens before it, for each sequence of token
     ids, and the ``top`` most likely tokens at each position: what lm-evaluation-harness's
@@ -375,13 +404,16 @@ def echo_scores(
 
     Sequences run longest first, right-padded (causal attention never looks ahead, so padding
     needs no mask) in batches of about ``batch_tokens`` tokens; log-softmax runs one sequence at
-    a time so memory stays at one (T, vocab) block.
+    a time so memory stays at one (T, vocab) block. With a ``memo`` (``EchoMemo``) they run one
+    at a time instead, each reusing what it shares with the one before.
     """
     for seq in seqs:
         if not seq or len(seq) > model.cfg.max_seq_len:
             raise ValueError(
                 f"a sequence needs 1 to {model.cfg.max_seq_len} tokens, got {len(seq)}"
             )
+    if memo is not None:
+        return [_echo_with_memo(model, list(seq), max(1, top), memo) for seq in seqs]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     results: list[EchoScores | None] = [None] * len(seqs)
     device = model.device
@@ -413,3 +445,39 @@ def echo_scores(
                 next=(best[0], best[1], pairs[-1] if top > 0 else []),
             )
     return results  # type: ignore[return-value]
+
+
+def _echo_with_memo(model: AFM, seq: list[int], k: int, memo: EchoMemo) -> EchoScores:
+    """``echo_scores`` of one sequence, running only the tokens after what ``memo`` shares
+    with it; the memo then holds this sequence. Scores of tokens 1..p-1 were made at positions
+    before p, which see only shared tokens, so they are reused as they are."""
+    T, p = len(seq), memo.shared(seq, k)
+    device = model.device
+    cache = memo.cache
+    if cache is None or cache.capacity < T:
+        capacity = min(model.cfg.max_seq_len, -(-T // memo.block) * memo.block)
+        fresh = model.new_cache(1, capacity)
+        if cache is not None and p:
+            fresh.k[:, :, :, :p], fresh.v[:, :, :, :p] = cache.k[:, :, :, :p], cache.v[:, :, :, :p]
+        cache = fresh
+    cache.length, cache.lengths = p, None
+    if p < T:
+        new = model.trunk(torch.tensor([seq[p:]], device=device), cache=cache)[0]  # (T - p, dim)
+        old = memo.hidden[:p] if memo.hidden is not None and p else new[:0]
+        hidden = torch.cat([old, new])  # (T, dim)
+    else:
+        assert memo.hidden is not None
+        hidden = memo.hidden[:T]
+    start = max(p - 1, 0)  # positions from here on predict tokens not scored yet (and the next)
+    logprobs = F.log_softmax(model.head(hidden[start:]).float(), dim=-1)  # (T - start, V)
+    targets = torch.tensor(seq[start + 1 :], device=device)  # (T - start - 1,)
+    own = logprobs[:-1].gather(-1, targets[:, None]).squeeze(-1).tolist()
+    values, ids = logprobs.topk(k, dim=-1)  # (T - start, k)
+    pairs = [
+        list(zip(a, v, strict=True)) for a, v in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+    memo.ids, memo.top_k, memo.cache, memo.hidden = seq, k, cache, hidden
+    memo.logprobs = memo.logprobs[:start] + own
+    memo.top = memo.top[:start] + pairs[:-1]
+    best = pairs[-1][0]
+    return EchoScores(list(memo.logprobs), list(memo.top), (best[0], best[1], pairs[-1]))

@@ -84,9 +84,13 @@ class Loaded:
             params.setdefault("batch_size", max_batch)
         self.backend: Backend = load_backend(spec.backend, spec.location, **params)
         self.engine = None
+        self.memo = None  # the last echo-scored sequence (``models.generate.EchoMemo``)
         self.lock = threading.Lock()  # other backends answer one call at a time
         if spec.backend == "builtin":
             from models.engine import Engine
+            from models.generate import EchoMemo
+
+            self.memo = EchoMemo()
 
             tok = self.backend.tokenizer  # type: ignore[attr-defined]
             self.engine = Engine(
@@ -215,7 +219,11 @@ class InferenceServer:
         scores = None
         if req.echo and req.logprobs is not None:
             top = max(1, req.logprobs)
-            scores = loaded.engine.call(lambda model: echo_scores(model, ids, top=top))
+            # On the engine's thread, which alone touches the memo: lm-eval's one request per
+            # choice runs the shared few-shot context once.
+            scores = loaded.engine.call(
+                lambda model: echo_scores(model, ids, top=top, memo=loaded.memo)
+            )
         # lm-eval's scoring call (echo, one greedy token): the scoring pass already has it.
         one_greedy = scores is not None and args.max_new_tokens == 1 and args.temperature == 0
         choices, completion_tokens = [], 0

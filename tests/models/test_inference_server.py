@@ -119,6 +119,22 @@ def test_echo_scores_agree_with_the_backends_loglikelihood(smol):
         assert len(scores.logprobs) == len(ctx + cont) - 1 and tok is not None
 
 
+def test_echo_scores_reusing_a_shared_beginning_equal_scores_from_scratch(smol):
+    from models.generate import EchoMemo
+
+    tok = smol.tokenizer
+    context = tok.encode("Question: which planet is largest?\nA. Mars\nB. Jupiter\nAnswer:")
+    seqs = [context + tok.encode(" A"), context + tok.encode(" B"), context[:10], context]
+    memo = EchoMemo(block=16)  # small blocks: the cache grows between sequences too
+    for seq in seqs:
+        (fresh,) = echo_scores(smol.model, [seq], top=2)
+        (reused,) = echo_scores(smol.model, [seq], top=2, memo=memo)
+        assert reused.logprobs == pytest.approx(fresh.logprobs, abs=1e-4)
+        assert [t[0][0] for t in reused.top] == [t[0][0] for t in fresh.top]
+        assert reused.next[0] == fresh.next[0] and len(reused.top[0]) == 2
+    assert memo.ids == seqs[-1]
+
+
 # ---------------------------------------------------------------------------- the protocol
 @pytest.mark.parametrize(
     "body, chat, field",
