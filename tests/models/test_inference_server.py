@@ -315,3 +315,47 @@ def test_lm_evals_local_chat_completions_generates_through_v1(live_server, serve
         disable_tqdm=True,
     )
     assert "Paris" in outputs[0] and all(isinstance(o, str) and o for o in outputs)
+
+
+@pytestmark_db
+def test_jobs_can_send_their_calls_to_the_inference_server(
+    smollm2_checkpoint, inference_server, settings
+):
+    """EVALHUB_JOBS_USE_INFERENCE_SERVER: a generation job's texts and an eval run's scores
+    come from the server (no model loaded in the worker) and equal the in-worker results."""
+    from core.jobs import KINDS, execute
+    from core.models import Job
+    from evalhub.registry import LOADED, backend_for
+    from grading.models import Item
+    from models.backends import GenerationArgs
+
+    model = ModelVersion.objects.create(
+        name="smol", backend="builtin", location=str(smollm2_checkpoint)
+    )
+    prompts = ["Say hello.", "Name a fruit.", "Count to three."]
+    local = load_backend("builtin", str(smollm2_checkpoint), draft=None)
+    expected = local.generate(
+        [local.chat_format([{"role": "user", "content": p}]) for p in prompts],
+        GenerationArgs(max_new_tokens=6),
+    )
+    settings.JOBS_USE_INFERENCE_SERVER = True
+    LOADED.clear()
+    served = backend_for(model)
+    assert served.info()["kind"] == "openai_http" and not LOADED.keys()
+    before = inference_server.metrics.requests
+    job = Job.objects.create(
+        kind="generate",
+        params={"models": [model.pk], "prompts": prompts, "max_new_tokens": 6,
+                "campaign": {"name": "via server", "kind": "single_sided"}},
+    )  # fmt: skip
+    execute(job.pk, KINDS["generate"].job_fn)
+    job.refresh_from_db()
+    assert job.status == "succeeded", job.error
+    texts = {
+        i.prompt: i.responses.get().text for i in Item.objects.filter(campaign__name="via server")
+    }
+    assert [texts[p] for p in prompts] == expected
+    assert inference_server.metrics.requests >= before + len(prompts)
+    assert served.loglikelihood([("The capital of France is", " Paris")])[0][0] == pytest.approx(
+        local.loglikelihood([("The capital of France is", " Paris")])[0][0], abs=2e-3
+    )
