@@ -11,13 +11,19 @@ from core.models import Job
 class ModelVersion(models.Model):
     """A registered model: where it lives, how to run it, and where it came from (lineage)."""
 
-    POLICY, REWARD, ADAPTER = "policy", "reward", "adapter"
-    KIND_CHOICES = [(POLICY, "policy"), (REWARD, "reward model"), (ADAPTER, "adapter")]
+    POLICY, REWARD, ADAPTER, JUDGE = "policy", "reward", "adapter", "judge"
+    KIND_CHOICES = [
+        (POLICY, "policy"),
+        (REWARD, "reward model"),
+        (ADAPTER, "adapter"),
+        (JUDGE, "safety judge"),
+    ]
     BACKEND_CHOICES = [
         ("builtin", "EvalHub checkpoint"),
         ("hf", "Hugging Face dir or GGUF"),
         ("openai_http", "OpenAI-compatible HTTP endpoint"),
         ("reward", "EvalHub reward model"),
+        ("safety_judge", "EvalHub learned safety judge"),
     ]
     IMPORTED, TRAINED, COMPRESSED, ADAPTED = (
         "imported",
