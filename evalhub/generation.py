@@ -111,7 +111,7 @@ def run_generation(job: Job) -> dict:
             backend.generate(formatted, replace(args, seed=args.seed + k)) for k in range(n_samples)
         ]
         return [
-            options[reranker.rerank(transcript(messages), options)]
+            options[reranker.rerank(messages, options)]  # read in its conversation
             for messages, options in zip(chats, zip(*candidates, strict=True), strict=True)
         ]
 
@@ -194,13 +194,6 @@ def chat(record: dict, earlier: list[str], turn: int) -> list[dict]:
     return messages + [{"role": "user", "content": record["turns"][turn]}]
 
 
-def transcript(messages: list[dict]) -> str:
-    """A conversation as plain text (what a reward model reads as the prompt)."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-
-
 def _reranker(params: dict):
     if not params.get("reranker"):
         return None
@@ -235,11 +228,13 @@ def _make_campaign(job: Job, models, records, texts, used: dict):
         n = len(texts[models[0].pk][i])
         meta = {**base, "record": record["id"], "category": record["category"]}
         if turn is None and kind == SIDE_BY_SIDE:
-            rows += _conversation_rows(models, record, texts, i, meta)
+            whole = {**meta, "reference": record["reference"]} if record["reference"] else meta
+            rows += _conversation_rows(models, record, texts, i, whole)
             continue
         for t in [turn - 1] if turn is not None else range(n):
             if t < n:
-                rows += _turn_rows(kind, models, record, texts, i, t, {**meta, "turn": t + 1})
+                at = {**meta, "turn": t + 1, **_reference(record, t)}
+                rows += _turn_rows(kind, models, record, texts, i, t, at)
     return campaign_from_rows(job, spec, kind, rows)
 
 
@@ -286,6 +281,12 @@ def _conversation_rows(models, record, texts, i, meta) -> list[dict]:
             "metadata": {**meta, "turn": "all" if turns > 1 else 1},
         }
     ]
+
+
+def _reference(record: dict, t: int) -> dict:
+    """Turn ``t``'s reference answer as item metadata (what the LLM judge reads), if any."""
+    refs = record["reference"]
+    return {"reference": refs[t]} if t < len(refs) and refs[t] is not None else {}
 
 
 def _pair_for(index: int, n_models: int) -> tuple[int, int]:

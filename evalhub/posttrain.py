@@ -84,8 +84,9 @@ def suites_param(params: dict) -> list[str]:
 
 
 def conversations_from(params: dict) -> tuple[list[list[dict]], dict]:
-    """SFT demonstrations: conversations from a JSONL file ({"messages": [...]} per line), the
-    chosen responses of side-by-side campaigns (ties left out) or the prompt set "alpaca-eval"
+    """SFT demonstrations: conversations from a JSONL file ({"messages": [...]} or TRL's
+    prompt/completion per line), the chosen responses of side-by-side campaigns after each
+    item's conversation (ties left out) or the prompt set "alpaca-eval"
     with its GPT-4 answers (the first ``limit``), and a description of the source for the
     lineage."""
     from models.posttrain.sft import load_conversations_jsonl
@@ -98,13 +99,13 @@ def conversations_from(params: dict) -> tuple[list[list[dict]], dict]:
 
         prefs = preferences_from_campaigns([int(i) for i in params["campaign_ids"]])
         seen, conversations = set(), []
-        for p in prefs:
-            if p.tie or (p.prompt, p.chosen) in seen:
+        for p in prefs:  # the chosen response, after the conversation it answered
+            chat = [*p.messages, {"role": "assistant", "content": p.chosen}]
+            key = json.dumps(chat)
+            if p.tie or key in seen:
                 continue
-            seen.add((p.prompt, p.chosen))
-            conversations.append(
-                [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.chosen}]
-            )
+            seen.add(key)
+            conversations.append(chat)
         source = {"campaign_ids": params["campaign_ids"], "labels_hash": labels_hash(prefs)}
         return conversations, source
     if params.get("source") == "alpaca-eval":

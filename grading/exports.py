@@ -89,8 +89,9 @@ def export_rows(campaign: Campaign, progress=None) -> list[dict]:
 
 
 def preferences_from_campaigns(campaign_ids: list[int]) -> list[Preference]:
-    """Preference pairs from side-by-side campaigns, each response carrying the mean
-    single-sided aspect grades it received in any campaign (matched on prompt and text)."""
+    """Preference pairs from side-by-side campaigns, each with its item's conversation
+    before the graded turn (``context``) and each response carrying the mean single-sided
+    aspect grades it received in any campaign (matched on prompt and text)."""
     grades = single_sided_grades()
     prefs = []
     for campaign in Campaign.objects.filter(pk__in=campaign_ids, kind=SIDE_BY_SIDE):
@@ -103,6 +104,7 @@ def preferences_from_campaigns(campaign_ids: list[int]) -> list[Preference]:
                     level=row["level"],
                     chosen_aspects=grades.get((row["prompt"], row["chosen"]), {}),
                     rejected_aspects=grades.get((row["prompt"], row["rejected"]), {}),
+                    context=row["context"],
                 )
             )
     return prefs

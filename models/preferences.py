@@ -11,9 +11,10 @@ Features, with references:
 - per level, the quantities each consumer needs (see ``Level``): the soft-label target of the
   reward model (AFM §5.3), Llama 2's margin (Table 28, "margin small") and the vote score of
   the leaderboard's Bradley-Terry fit;
-- ``Preference``, one graded pair; ``load_preferences_jsonl`` for the TRL / OpenRLHF JSONL
-  that the grading export writes; ``split_by_prompt``; ``labels_hash``, the lineage hash of a
-  label set.
+- ``Preference``, one graded pair, with the conversation before its prompt (``context``);
+  ``load_preferences_jsonl`` for the TRL / OpenRLHF JSONL that the grading export writes, flat
+  or in TRL's conversational format; ``split_by_prompt``; ``labels_hash``, the lineage hash of
+  a label set.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+from models.chat import Message, checked_messages, conversation, response_text, split_conversation
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,9 @@ def level(name: str) -> Level:
 # ------------------------------------------------------------------------------------ data
 @dataclass(frozen=True)
 class Preference:
-    """One graded comparison. For ties, ``chosen``/``rejected`` are just first/second."""
+    """One graded comparison. For ties, ``chosen``/``rejected`` are just first/second.
+    ``prompt`` is the user turn the responses answer; ``context`` the messages before it (a
+    system message, earlier turns), empty for a single-turn prompt."""
 
     prompt: str
     chosen: str
@@ -92,9 +97,12 @@ class Preference:
     level: str
     chosen_aspects: dict[str, int] = field(default_factory=dict)  # aspect -> grade 1..5
     rejected_aspects: dict[str, int] = field(default_factory=dict)
+    context: list[Message] = field(default_factory=list)  # {role, content} before the prompt
 
     def __post_init__(self) -> None:
         level(self.level)
+        if self.context:
+            checked_messages(self.context, "context")
         for grades in (self.chosen_aspects, self.rejected_aspects):
             for key, grade in grades.items():
                 if not isinstance(grade, int) or isinstance(grade, bool) or not 1 <= grade <= 5:
@@ -104,14 +112,11 @@ class Preference:
     def tie(self) -> bool:
         return self.level in TIES
 
-
-def _as_text(value) -> str:
-    """TRL's conversational rows hold message lists; the reward sees their contents joined."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
-        return "\n\n".join(str(m["content"]) for m in value)
-    raise ValueError(f"expected a string or a list of messages, got {type(value).__name__}")
+    @property
+    def messages(self) -> list[Message]:
+        """The conversation the responses answer: the context, then the prompt as a user turn
+        (what reward models and DPO format with ``models.chat.chat_prompt``)."""
+        return conversation(self.context, self.prompt)
 
 
 def _row_preference(row: dict) -> Preference:
@@ -126,16 +131,31 @@ def _row_preference(row: dict) -> Preference:
     aspects = row.get("aspects") or {}
     if not isinstance(aspects, dict) or not set(aspects) <= {"chosen", "rejected"}:
         raise ValueError("aspects must be {} or {'chosen': {...}, 'rejected': {...}}")
-    prompt, chosen, rejected = (_as_text(row[k]) for k in ("prompt", "chosen", "rejected"))
+    # TRL's conversational format: the prompt a message list ending with the user turn, each
+    # response an assistant message list. The flat export gives the earlier turns as context.
+    context, prompt = split_conversation(row["prompt"])
+    if row.get("context"):
+        if context:
+            raise ValueError("give the conversation in 'prompt' or in 'context', not both")
+        context = checked_messages(row["context"], "context")
+    chosen, rejected = (response_text(row[k], k) for k in ("chosen", "rejected"))
     return Preference(
-        prompt, chosen, rejected, name, aspects.get("chosen", {}), aspects.get("rejected", {})
+        prompt,
+        chosen,
+        rejected,
+        name,
+        aspects.get("chosen", {}),
+        aspects.get("rejected", {}),
+        context,
     )
 
 
 def load_preferences_jsonl(path: str | os.PathLike) -> list[Preference]:
     """Read the TRL / OpenRLHF preference JSONL that ``grading.tasks.export_labels`` writes
-    (prompt, chosen, rejected, level, tie, aspects; other keys are ignored). A malformed row
-    raises ValueError starting with ``path:line:``."""
+    (prompt, chosen, rejected, level, tie, aspects, context; other keys are ignored), flat or
+    in TRL's conversational format (``prompt`` a message list ending with the user turn,
+    ``chosen``/``rejected`` assistant message lists). A malformed row raises ValueError
+    starting with ``path:line:``."""
     prefs = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -151,18 +171,35 @@ def load_preferences_jsonl(path: str | os.PathLike) -> list[Preference]:
 def split_by_prompt(
     prefs: Sequence[Preference], held_out: float = 0.2, seed: int = 0
 ) -> tuple[list[Preference], list[Preference]]:
-    """(train, held_out) with every prompt on one side only, so held-out accuracy measures
-    generalisation to new prompts rather than memorised ones."""
+    """(train, held_out) with every prompt (with its context: one conversation) on one side
+    only, so held-out accuracy measures generalisation to new prompts rather than memorised
+    ones."""
     if not 0 < held_out < 1:
         raise ValueError("held_out must be a fraction in (0, 1)")
-    prompts = sorted({p.prompt for p in prefs})
+    prompts = sorted({_prompt_key(p) for p in prefs})
     random.Random(seed).shuffle(prompts)
     n = min(max(1, round(held_out * len(prompts))), len(prompts) - 1) if len(prompts) > 1 else 0
     test = set(prompts[:n])
-    return [p for p in prefs if p.prompt not in test], [p for p in prefs if p.prompt in test]
+    return (
+        [p for p in prefs if _prompt_key(p) not in test],
+        [p for p in prefs if _prompt_key(p) in test],
+    )
+
+
+def _prompt_key(p: Preference) -> str:
+    # A single-turn prompt is its own key, so splits made before contexts existed stay put.
+    return json.dumps(p.messages, ensure_ascii=False) if p.context else p.prompt
 
 
 def labels_hash(prefs: Sequence[Preference]) -> str:
-    """sha256 over the labels, order-independent: the same label set always hashes the same."""
-    rows = sorted(json.dumps(asdict(p), sort_keys=True, ensure_ascii=False) for p in prefs)
+    """sha256 over the labels, order-independent: the same label set always hashes the same.
+    An empty context is left out, so single-turn labels hash as they did before contexts."""
+    rows = sorted(json.dumps(_hashed(p), sort_keys=True, ensure_ascii=False) for p in prefs)
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def _hashed(p: Preference) -> dict:
+    row = asdict(p)
+    if not row["context"]:
+        del row["context"]
+    return row

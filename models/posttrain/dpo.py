@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.afm import AFM
+from models.chat import chat_prompt, transcript
 from models.lora import adapters_disabled, lora_layers, lora_parameters
 from models.posttrain import (
     PostTrainResult,
@@ -70,7 +71,7 @@ class DPOConfig:
     ipo_length_normalize: bool = True  # IPO on per-token mean log-probs (TRL, confirmed with
     # the IPO authors: the paper's results use it); DPO always uses sums
     max_len: int = 1024  # tokens of prompt + response; prompts keep their end (≤ half of it)
-    chat_template: bool = True  # prompts as one user turn in the tokenizer's chat template
+    chat_template: bool = True  # prompts in their conversation in the tokenizer's chat template
     reference_batch: int = 16  # pairs per reference pass
     cache_dir: str | None = None  # reference log-probs cache; None: kept in memory only
 
@@ -155,18 +156,14 @@ class EncodedPair:
 def encode_preferences(
     tokenizer: TextTokenizer, prefs: Sequence[Preference], dpo: DPOConfig
 ) -> list[EncodedPair]:
-    """Token ids of each pair: the prompt (as one user turn of the chat template when there
-    is one and ``dpo.chat_template``), each response followed by EOS (as TRL). The prompt keeps
-    its last ``max_len // 2`` tokens at most, each response its first ``max_len - len(prompt)``."""
+    """Token ids of each pair: the prompt in its conversation (its context, then the prompt as
+    a user turn: ``models.chat.chat_prompt`` with ``dpo.chat_template``, else the plain
+    ``transcript``), each response followed by EOS (as TRL). The prompt keeps its last
+    ``max_len // 2`` tokens at most, each response its first ``max_len - len(prompt)``."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    templated = dpo.chat_template and tokenizer.chat_template
     out = []
     for p in prefs:
-        text = (
-            tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}])
-            if templated
-            else p.prompt
-        )
+        text = chat_prompt(tokenizer, p.messages) if dpo.chat_template else transcript(p.messages)
         prompt = tokenizer.encode(text)[-(dpo.max_len // 2) :]
         room = dpo.max_len - len(prompt)
         chosen, rejected = (

@@ -21,7 +21,8 @@ Features, with references:
 - ``sft_loss_fn`` / ``sft_units`` for ``models.train.train`` (per-token mean over the global
   batch: every assistant token weighs the same, however conversations are packed), and
   ``train_sft``; ``load_conversations_jsonl`` for ``{"messages": [...]}`` lines (the format of
-  TRL's conversational datasets and OpenAI's fine-tuning files).
+  TRL's conversational datasets and OpenAI's fine-tuning files) and TRL's prompt-completion
+  rows, flat or conversational.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from models.afm import AFM
+from models.chat import checked_messages, conversation, response_text, split_conversation
 from models.posttrain import PostTrainResult, Progress, recorder, run_flat
 from models.tokenizer import TextTokenizer
 from models.train import TrainConfig, train
 
-ROLES = ("system", "user", "assistant", "tool")
 # (token ids, loss mask): one encoded conversation
 Document = tuple[list[int], list[bool]]
 
@@ -102,8 +103,11 @@ def pack_documents(lengths: Sequence[int], max_len: int) -> list[list[int]]:
 
 
 def load_conversations_jsonl(path: str | os.PathLike) -> list[list[dict]]:
-    """Conversations from JSONL lines ``{"messages": [{"role", "content"}, ...]}`` (other
-    keys ignored); a malformed line raises ValueError starting with ``path:line:``."""
+    """Conversations from JSONL lines ``{"messages": [{"role", "content"}, ...]}``, or TRL's
+    prompt-completion rows ``{"prompt", "completion"}``, flat (text) or conversational (the
+    prompt a message list ending with the user turn, the completion an assistant message list:
+    the grading export's single-sided conversational rows). Other keys are ignored; a
+    malformed line raises ValueError starting with ``path:line:``."""
     out = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -117,15 +121,16 @@ def load_conversations_jsonl(path: str | os.PathLike) -> list[list[dict]]:
 
 
 def _messages(row: dict) -> list[dict]:
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
-    for m in messages:
-        if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"each message needs a role in {ROLES} and string content: {m}")
+    if "messages" not in row and {"prompt", "completion"} <= set(row):
+        context, prompt = split_conversation(row["prompt"])
+        completion = response_text(row["completion"], "completion")
+        return [*conversation(context, prompt), {"role": "assistant", "content": completion}]
+    if "messages" not in row:
+        raise ValueError("each line needs 'messages', or 'prompt' and 'completion'")
+    messages = checked_messages(row["messages"])
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant message to train on")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
 # ------------------------------------------------------------------------------ layout
