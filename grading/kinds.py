@@ -43,6 +43,10 @@ class Choice:
     def parse(cls, value) -> "Choice":
         if not isinstance(value, str):
             raise GradingError(f"'choice' must be text, not {payload.json_type(value)}")
+        if not value:
+            raise GradingError(
+                "no choice given: choose which response is better, or a tie, then submit"
+            )
         if value in TIES:
             return cls(None, value)
         side, _, level = value.partition("_")

@@ -36,6 +36,27 @@ class LeaseLost(GradingError):
     pass
 
 
+def campaign_create(
+    *,
+    campaign: Campaign,
+    created_by,
+    data: bytes | None = None,
+    filename: str = "",
+    max_rows: int = MAX_ROWS,
+) -> int:
+    """Save a new (unsaved) campaign and import its first upload in one transaction: a
+    rejected file raises UploadError and leaves no campaign behind. Returns the items
+    imported (0 without ``data``). The file is parsed inside the transaction, because the
+    import needs the saved campaign; nothing else waits on a campaign that is not yet
+    committed."""
+    with transaction.atomic():
+        campaign.created_by = created_by
+        campaign.save()
+        if data is None:
+            return 0
+        return campaign_import(campaign=campaign, data=data, filename=filename, max_rows=max_rows)
+
+
 def campaign_import(
     *, campaign: Campaign, data: bytes, filename: str, max_rows: int = MAX_ROWS
 ) -> int:

@@ -12,7 +12,7 @@ from core.access import researcher_required
 from core.jobs import job_submit
 from core.models import Job
 from grading import access, quality
-from grading.forms import CampaignForm, ExportForm, UploadForm
+from grading.forms import ExportForm, NewCampaignForm, UploadForm
 from grading.models import Label
 from grading.render import render_markdown
 from grading.services import (
@@ -21,6 +21,7 @@ from grading.services import (
     assignment_claim,
     assignment_skip,
     assignment_submit,
+    campaign_create,
     campaign_import,
 )
 from grading.uploads import MAX_UPLOAD_ROWS, UploadError
@@ -81,6 +82,8 @@ def _render_task(request, assignment, error: str = "", status: int = 200):
         "progress": quality.rater_progress_one(request.user, campaign),
         "choices": SBS_CHOICES,
         "aspects": campaign.aspects,
+        # A refused submit comes back with what the rater had chosen, to fix, not redo.
+        "posted": request.POST if request.method == "POST" else {},
     }
     return render(request, "grading/task.html", context, status=status)
 
@@ -131,13 +134,52 @@ def skip(request, assignment_id: int):
 
 @researcher_required
 def campaign_list(request):
-    form = CampaignForm(request.POST or None)
+    """The campaigns and the new-campaign form; one submit creates the campaign and imports
+    its file, all or nothing: any problem is a 400 with the form and no campaign."""
+    form = NewCampaignForm(request.POST or None, request.FILES or None)
     if request.method == "POST" and form.is_valid():
-        form.instance.created_by = request.user
-        campaign = form.save()
-        return redirect("grading:campaign", campaign_id=campaign.pk)
+        upload = form.cleaned_data["file"]
+        try:
+            count = campaign_create(
+                campaign=form.save(commit=False),
+                created_by=request.user,
+                data=upload.read() if upload else None,
+                filename=upload.name if upload else "",
+                max_rows=MAX_UPLOAD_ROWS,
+            )
+        except UploadError as exc:
+            form.add_error("file", _upload_problems(exc, "no campaign was created"))
+        else:
+            campaign = form.instance
+            messages.success(request, f"Created “{campaign.name}” with {count} items.")
+            _warn_model_names(request, campaign)
+            return redirect("grading:campaign", campaign_id=campaign.pk)
     campaigns = access.campaigns_for_researcher(request.user)
-    return render(request, "grading/campaign_list.html", {"campaigns": campaigns, "form": form})
+    return render(
+        request,
+        "grading/campaign_list.html",
+        {"campaigns": campaigns, "form": form},
+        status=400 if form.is_bound else 200,
+    )
+
+
+def _upload_problems(exc: UploadError, outcome: str) -> list[str]:
+    """An upload's problems for a form: the first 20 (each names its row and field)."""
+    more = len(exc.errors) - 20
+    return (
+        [f"Nothing was imported and {outcome}: {len(exc.errors)} problem(s)."]
+        + exc.errors[:20]
+        + ([f"… and {more} more."] if more > 0 else [])
+    )
+
+
+def _warn_model_names(request, campaign) -> None:
+    for name in quality.model_names_shown_to_raters(campaign):
+        messages.warning(
+            request,
+            f"The campaign's name or guidelines mention the model {name!r}: raters "
+            "see both, so they are no longer blind to it.",
+        )
 
 
 @researcher_required
@@ -174,21 +216,10 @@ def campaign_upload(request, campaign_id: int):
                 max_rows=MAX_UPLOAD_ROWS,
             )
         except UploadError as exc:
-            more = len(exc.errors) - 20
-            form.add_error(
-                "file",
-                [f"Nothing was imported: {len(exc.errors)} problem(s)."]
-                + exc.errors[:20]
-                + ([f"… and {more} more."] if more > 0 else []),
-            )
+            form.add_error("file", _upload_problems(exc, "the campaign is unchanged"))
         else:
             messages.success(request, f"Imported {count} items.")
-            for name in quality.model_names_shown_to_raters(campaign):
-                messages.warning(
-                    request,
-                    f"The campaign's name or guidelines mention the model {name!r}: raters "
-                    "see both, so they are no longer blind to it.",
-                )
+            _warn_model_names(request, campaign)
             return redirect("grading:campaign", campaign_id=campaign.pk)
     context = _detail_context(campaign, upload_form=form)
     return render(request, "grading/campaign_detail.html", context, status=400)
@@ -198,12 +229,37 @@ def campaign_upload(request, campaign_id: int):
 def label_browser(request, campaign_id: int):
     campaign = access.access_campaign_for_researcher(request.user, campaign_id)
     labels, filters = quality.filtered_labels(campaign, request.GET)
+    labels = labels.select_related("assignment").prefetch_related("item__responses")
     page = Paginator(labels, 50).get_page(request.GET.get("page"))
+    names = {a["key"]: a["name"] for a in campaign.aspects}
+    for label in page:
+        label.pressed = _as_pressed(label)
+        label.shown = _as_shown(label)
+        label.grades = [(names.get(key, key), score) for key, score in label.scores.items()]
     return render(
         request,
         "grading/labels.html",
         {"campaign": campaign, "page": page, "filters": filters, "levels": Label.LEVEL_CHOICES},
     )
+
+
+_PRESSED = {value: (key, text) for key, value, text in SBS_CHOICES}
+
+
+def _as_pressed(label) -> tuple[str, str] | None:
+    """The key and words the rater pressed on their own page (A is the left response), from a
+    side-by-side label; None for single-sided ones."""
+    if not label.level:
+        return None
+    side = {True: "left", False: "right", None: None}[label.picked_left]
+    return _PRESSED.get(Choice(side, label.level).value)
+
+
+def _as_shown(label) -> dict:
+    """The responses as the rater saw them: {"A": response on the left, "B": on the right}."""
+    by_position = {r.position: r for r in label.item.responses.all()}
+    left = label.assignment.left_position
+    return {"A": by_position.get(left), "B": by_position.get(1 - left)}
 
 
 @require_POST

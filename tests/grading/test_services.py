@@ -1,6 +1,7 @@
 """Claiming, leases, submitting and skipping through the service functions."""
 
 import random
+import re
 from datetime import timedelta
 
 import pytest
@@ -127,14 +128,21 @@ def test_the_label_names_the_response_shown_on_the_chosen_side():
 
 
 @pytest.mark.parametrize(
-    "choice", ["left_awesome", "middle_better", "", "tie", "left_tie_both_good"]
+    "choice, message",
+    [
+        ("left_awesome", "unknown choice 'left_awesome'"),
+        ("middle_better", "unknown choice"),
+        ("", "no choice given: choose which response is better, or a tie"),
+        ("tie", "unknown choice 'tie'"),
+        ("left_tie_both_good", "unknown choice"),
+    ],
 )
-def test_an_unknown_choice_is_refused_and_changes_nothing(choice):
+def test_an_unknown_or_missing_choice_is_refused_and_changes_nothing(choice, message):
     campaign = make_campaign()
     make_items(campaign, 1)
     (rater,) = _raters(1)
     lease = assignment_claim(rater=rater, campaign=campaign)
-    with pytest.raises(GradingError, match="unknown choice"):
+    with pytest.raises(GradingError, match=re.escape(message)):
         assignment_submit(assignment=lease, data={"choice": choice})
     lease.refresh_from_db()
     assert lease.status == "leased" and not Label.objects.exists()

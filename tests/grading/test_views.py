@@ -2,6 +2,7 @@
 
 import html
 import json
+import re
 
 import pytest
 from django.test import Client
@@ -149,18 +150,7 @@ def test_a_researcher_creates_a_campaign_uploads_items_and_sees_the_dashboard(lo
     client = login(carol)
     response = client.post(
         reverse("grading:campaigns"),
-        {
-            "name": "Arena sample",
-            "kind": "side_by_side",
-            "guidelines": "Be fair.",
-            "overlap": 3,
-            "gold_rate": 0.1,
-            "lease_seconds": 600,
-            "quota_per_rater": "",
-            "status": "open",
-            "aspects": "[]",
-            "thresholds": '{"min_gold_accuracy": 0.7}',
-        },
+        {**CAMPAIGN_FORM, "name": "Arena sample", "threshold_min_gold_accuracy": "0.7"},
     )
     campaign = Campaign.objects.get(name="Arena sample")
     assert response.url == reverse("grading:campaign", args=[campaign.pk])
@@ -227,7 +217,7 @@ def test_the_rater_api_hands_out_tasks_without_model_names_and_takes_labels(
     assert Label.objects.get().level == "better"
 
 
-CAMPAIGN_FORM = {
+ADMIN_FORM = {
     "name": "Thresholds",
     "kind": "side_by_side",
     "guidelines": "",
@@ -258,35 +248,157 @@ CAMPAIGN_FORM = {
         ("[" * 1000 + "]" * 1000, "nested more than 32 levels"),
     ],
 )
-def test_invalid_thresholds_are_a_form_error_not_a_500(login, carol, thresholds, message):
-    client = login(carol)
-    client.raise_request_exception = False
-    response = client.post(
-        reverse("grading:campaigns"), {**CAMPAIGN_FORM, "thresholds": thresholds}
-    )
-    assert response.status_code == 200 and not Campaign.objects.exists()
-    assert message in html.unescape(response.content.decode()), message
+def test_the_admins_json_thresholds_are_checked(db, thresholds, message):
+    from grading.forms import CampaignForm
+
+    form = CampaignForm(data={**ADMIN_FORM, "thresholds": thresholds})
+    assert not form.is_valid()
+    assert message in " ".join(form.errors["thresholds"]), form.errors
 
 
-def test_aspects_with_hostile_json_are_a_form_error(login, carol):
-    client = login(carol)
-    client.raise_request_exception = False
+def test_the_admins_json_aspects_are_checked(db):
+    from grading.forms import CampaignForm
+
     for aspects in ('[{"key": "a", "name": "\\u0000"}]', "[" * 100 + "]" * 100, "[1e400]"):
-        data = {**CAMPAIGN_FORM, "kind": "single_sided", "aspects": aspects, "thresholds": "{}"}
-        assert client.post(reverse("grading:campaigns"), data).status_code == 200
+        data = {**ADMIN_FORM, "kind": "single_sided", "aspects": aspects, "thresholds": "{}"}
+        form = CampaignForm(data=data)
+        assert not form.is_valid() and "aspects" in form.errors, aspects
+    form = CampaignForm(data={**ADMIN_FORM, "thresholds": '{"min_labels_for_flags": 5}'})
+    assert form.is_valid(), form.errors
+
+
+CAMPAIGN_FORM = {
+    "name": "Thresholds",
+    "kind": "side_by_side",
+    "guidelines": "",
+    "overlap": 3,
+    "gold_rate": 0.1,
+    "lease_seconds": 600,
+    "quota_per_rater": "",
+    "status": "open",
+}
+SBS_ROWS = (
+    b'{"prompt": "p1", "response_a": "a", "response_b": "b", "model_a": "m1", "model_b": "m2"}\n'
+    b'{"prompt": "p2", "response_a": "c", "response_b": "d"}\n'
+)
+
+
+def _file(content: bytes, name: str = "items.jsonl"):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile(name, content)
+
+
+def test_the_new_campaign_form_has_real_widgets_and_the_upload_and_no_json(login, carol):
+    page = login(carol).get(reverse("grading:campaigns")).content.decode()
+    form = page.split('id="campaign-form"')[1].split("</form>")[0]
+    assert 'enctype="multipart/form-data"' in page.split('id="campaign-form"')[0][-200:]
+    assert 'type="file" name="file"' in form
+    assert 'type="radio" name="kind" value="side_by_side"' in form
+    for aspect in ("instruction_following", "conciseness", "truthfulness", "harmlessness"):
+        assert f'type="checkbox" name="aspects" value="{aspect}"' in form
+        assert f'value="{aspect}" id="id_aspects_' in form  # ticked by default below
+    assert form.count("checked") >= 4
+    assert 'type="number" name="threshold_min_gold_accuracy" value="0.7"' in form
+    assert 'type="number" name="threshold_min_labels_for_flags" value="10"' in form
+    assert "null" not in page and "{" not in form.replace("{%", "")
+
+
+def test_a_campaign_is_created_with_its_upload_in_one_submit(login, carol):
+    client = login(carol)
+    data = {
+        **CAMPAIGN_FORM,
+        "name": "One step",
+        "kind": "single_sided",
+        "aspects": ["conciseness", "truthfulness"],
+        "more_aspects": "Tone of voice\n\n  Code  quality ",
+        "threshold_min_gold_accuracy": "0.8",
+        "threshold_min_labels_for_flags": "",  # left empty: the default
+        "file": _file(b'{"prompt": "p", "response": "r", "model": "m"}\n'),
+    }
+    response = client.post(reverse("grading:campaigns"), data, follow=True)
+    campaign = Campaign.objects.get(name="One step")
+    assert response.redirect_chain[-1][0] == reverse("grading:campaign", args=[campaign.pk])
+    assert "Created “One step” with 1 items." in response.content.decode()
+    assert campaign.items.count() == 1 and campaign.created_by == carol
+    assert [(a["key"], a["name"]) for a in campaign.aspects] == [
+        ("conciseness", "Conciseness"),
+        ("truthfulness", "Truthfulness"),
+        ("tone_of_voice", "Tone of voice"),
+        ("code_quality", "Code quality"),
+    ]
+    assert campaign.aspects[0]["anchors"]["5"] == "Exactly as long as the request needs."
+    assert campaign.thresholds["min_gold_accuracy"] == 0.8
+    assert "min_labels_for_flags" not in campaign.thresholds
+
+
+def test_a_campaign_may_be_created_without_a_file(login, carol):
+    response = login(carol).post(reverse("grading:campaigns"), CAMPAIGN_FORM)
+    campaign = Campaign.objects.get()
+    assert response.url == reverse("grading:campaign", args=[campaign.pk])
+    assert campaign.items.count() == 0 and campaign.thresholds == {}
+
+
+def test_a_bad_file_is_a_400_naming_the_row_and_field_and_creates_no_campaign(login, carol):
+    client = login(carol)
+    bad = SBS_ROWS + b'{"prompt": "p3", "response_a": "e"}\n'
+    response = client.post(reverse("grading:campaigns"), {**CAMPAIGN_FORM, "file": _file(bad)})
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 400
+    assert "Nothing was imported and no campaign was created: 1 problem(s)." in page
+    assert "row 3: missing 'response_b'" in page
+    assert "choose the file again" in page
+    assert not Campaign.objects.exists() and not Item.objects.exists()
+
+
+def test_a_file_of_the_other_kind_creates_no_campaign(login, carol):
+    client = login(carol)
+    data = {**CAMPAIGN_FORM, "kind": "single_sided", "aspects": ["conciseness"]}
+    response = client.post(reverse("grading:campaigns"), {**data, "file": _file(SBS_ROWS)})
+    assert response.status_code == 400 and "row 1" in response.content.decode()
     assert not Campaign.objects.exists()
 
 
-def test_valid_thresholds_are_saved_and_an_empty_object_keeps_the_defaults(login, carol):
+@pytest.mark.parametrize(
+    "fields, field, message",
+    [
+        ({"threshold_min_gold_accuracy": "2"}, "threshold_min_gold_accuracy", "less than or"),
+        ({"threshold_min_gold_accuracy": "nan"}, "threshold_min_gold_accuracy", "number"),
+        ({"threshold_min_gold_accuracy": "inf"}, "threshold_min_gold_accuracy", "number"),
+        ({"threshold_min_labels_for_flags": "2.5"}, "threshold_min_labels_for_flags", "whole"),
+        ({"threshold_max_left_pick_deviation": "0.6"}, "threshold_max_left_pick_deviation", "0.5"),
+        ({"overlap": "0"}, "overlap", "overlap must be between 1 and 50"),
+        ({"lease_seconds": "5"}, "lease_seconds", "shorter than 30 seconds"),
+        ({"kind": "triple"}, "kind", "Select a valid choice"),
+        ({"kind": "single_sided"}, "aspects", "grades at least one aspect"),
+        ({"more_aspects": "Conciseness"}, "more_aspects", "'Conciseness' is named twice"),
+        ({"more_aspects": "x" * 101}, "more_aspects", "line 1: a name of at most 100"),
+        ({"name": ""}, "name", "This field is required"),
+    ],
+)
+def test_a_bad_field_is_a_400_naming_it_and_creates_nothing(login, carol, fields, field, message):
     client = login(carol)
-    data = {**CAMPAIGN_FORM, "thresholds": '{"min_labels_for_flags": 5, "min_gold_accuracy": 0.8}'}
-    assert client.post(reverse("grading:campaigns"), data).status_code == 302
-    assert Campaign.objects.get().thresholds == {
-        "min_labels_for_flags": 5,
-        "min_gold_accuracy": 0.8,
-    }
-    data = {**CAMPAIGN_FORM, "name": "Defaults", "thresholds": "{}"}
-    assert client.post(reverse("grading:campaigns"), data).status_code == 302
+    data = {**CAMPAIGN_FORM, "aspects": ["conciseness"], **fields, "file": _file(SBS_ROWS)}
+    if fields.get("kind") == "single_sided":
+        data.pop("aspects")
+    response = client.post(reverse("grading:campaigns"), data)
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 400
+    assert any(message in error for error in _field_errors(page, field)), page
+    assert "The campaign was not created" in page
+    assert not Campaign.objects.exists() and not Item.objects.exists()
+
+
+def _field_errors(page: str, field: str) -> list[str]:
+    return re.findall(rf'<p class="error" role="alert" data-field="{field}">([^<]*)</p>', page)
+
+
+def test_a_duplicate_campaign_name_is_a_400(login, carol):
+    make_campaign(name="Taken")
+    response = login(carol).post(reverse("grading:campaigns"), {**CAMPAIGN_FORM, "name": "Taken"})
+    assert response.status_code == 400
+    assert "already exists" in " ".join(_field_errors(response.content.decode(), "name"))
+    assert Campaign.objects.count() == 1
 
 
 @pytest.mark.parametrize("stored", [{"bogus": 1}, [1, 2], "x", {"min_gold_accuracy": "high"}])

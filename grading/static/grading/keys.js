@@ -45,6 +45,39 @@
     else if (key === "h" && history) { history.open = !history.open; e.preventDefault(); }
     else if (key === "g") { document.getElementById("guidelines").classList.toggle("hidden"); e.preventDefault(); }
   });
+  // Mistakes are told on the page, before anything is sent (the server refuses them too).
+  var error = document.getElementById("task-error");
+  var reason = document.getElementById("skip-reason");
+  function say(message) { error.textContent = message; error.hidden = false; }
+  function unscored() {
+    return aspects.filter(function (el) { return !el.querySelector("input:checked"); });
+  }
+  function problem() {
+    if (sideBySide) {
+      return form.querySelector('input[name="choice"]:checked') ? "" :
+        "Choose how the two responses compare first: 1–4 A is better, 5 or 6 a tie, " +
+        "7–0 B is better. Then press Enter.";
+    }
+    var left = unscored();
+    if (!left.length) return "";
+    var names = left.map(function (el) { return el.dataset.name; }).join(", ");
+    return "Give a score from 1 to 5 for " + names + ", then press Enter.";
+  }
+  form.addEventListener("submit", function (e) {
+    var message = problem();
+    if (!message) return;
+    e.preventDefault();
+    say(message);
+    var left = unscored();
+    if (left.length) focusAspect(aspects.indexOf(left[0]));
+  });
+  form.addEventListener("change", function () { if (!problem()) error.hidden = true; });
+  document.getElementById("skip-form").addEventListener("submit", function (e) {
+    if (reason.value.trim()) return;
+    e.preventDefault();
+    say("Say why you skip this task: type a reason, then Enter (Esc goes back to the task).");
+    reason.focus();
+  });
   focusAspect(0);
   document.body.dataset.keysReady = "1";  // tests (and scripts) wait for this
 })();
