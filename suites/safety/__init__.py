@@ -240,9 +240,10 @@ def judge_record(
     """The judge's name and version, and for each metric whose human-label task (metric ->
     "refusal"/"objective") has recorded error rates (agreement.json), the Rogan-Gladen
     corrected rate with an interval that includes the error rates' uncertainty, beside the
-    raw one as `{metric}_corrected`."""
+    raw one as `{metric}_corrected`. A judge that carries its own figures (`agreement`, a
+    learned judge registered by a training job) is corrected with those."""
     version = getattr(judge, "version", None)
-    recorded = recorded_agreement(judge.name, version)
+    recorded = getattr(judge, "agreement", None) or recorded_agreement(judge.name, version)
     out: dict[str, Any] = {"judge": {"name": judge.name, "version": version,
                                      "validated": recorded is not None}}  # fmt: skip
     if recorded is None or not results:
