@@ -34,16 +34,20 @@ def eval_submit(
     user=None,
     nightly: bool = False,
     shards: int = 1,
+    judge: str = "",
 ) -> EvalRun:
+    """A queued run; ``judge`` (judged suites only) is kept in its settings, checked here."""
     if suite not in REGISTRY:
         raise JobError(f"unknown suite {suite!r}; known: {', '.join(sorted(REGISTRY))}")
+    opts = {"limit": limit, "batch_size": batch_size, "seed": seed, "shards": shards}
+    if judge:
+        from evalhub.safety_calibration import judge_choices
+
+        if not REGISTRY[suite].judged or judge not in dict(judge_choices()):
+            raise JobError(f"judge {judge[:120]!r} is not a judge of suite {suite}")
+        opts["judge"] = judge
     with transaction.atomic():
-        run = EvalRun.objects.create(
-            model=model,
-            suite=suite,
-            nightly=nightly,
-            settings={"limit": limit, "batch_size": batch_size, "seed": seed, "shards": shards},
-        )
+        run = EvalRun.objects.create(model=model, suite=suite, nightly=nightly, settings=opts)
         run.job = job_submit(kind="evaluate", params={"run_id": run.pk}, user=user)
         run.save(update_fields=["job"])
     return run
@@ -193,28 +197,18 @@ def judge_agreement_with_humans(run: EvalRun, suite) -> dict:
 
 
 def build_suite(run: EvalRun):
-    """The run's suite; judged suites (``Suite.judged``) take ``settings.judge`` =
-    "reward:<model name>" to judge harm with a registered reward model (harmful below
-    ``settings.judge_threshold``)."""
+    """The run's suite; judged suites (``Suite.judged``) take the judge ``settings.judge``
+    names (``evalhub.safety_calibration.judge_for``: the rules by default, the built-in or a
+    registered learned judge, or "reward:<model name>" judging harm with a reward model,
+    harmful below ``settings.judge_threshold``)."""
+    from evalhub.safety_calibration import judge_for
+
     judge_spec = run.settings.get("judge") or ""
     if not judge_spec:
         return REGISTRY[run.suite]()
-    if not REGISTRY[run.suite].judged or not judge_spec.startswith("reward:"):
+    if not REGISTRY[run.suite].judged:
         raise JobError(f"unsupported judge {judge_spec!r} for suite {run.suite}")
-    from evalhub.rewards import reward_model_for
-    from suites.safety.judges import RewardJudge
-
-    version = ModelVersion.objects.filter(
-        name=judge_spec.removeprefix("reward:"), kind=ModelVersion.REWARD
-    ).first()
-    if version is None:
-        raise JobError(f"no reward model named {judge_spec.removeprefix('reward:')!r}")
-    reward = reward_model_for(version)
-    judge = RewardJudge(
-        lambda p, r: reward.score([p], [r])[0],
-        threshold=float(run.settings.get("judge_threshold", 0.0)),
-        name=version.name,
-    )
+    judge = judge_for(judge_spec, float(run.settings.get("judge_threshold", 0.0)))
     return REGISTRY[run.suite](judge=judge)
 
 

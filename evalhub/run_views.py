@@ -8,7 +8,9 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from core.access import api_role_required, researcher_required
+from core.jobs import JobError, job_submit
 from evalhub import leaderboard as board
+from evalhub import safety_calibration as calibration
 from evalhub.evaluation import compare_runs, eval_submit, run_progress
 from evalhub.models import EvalRun, ModelVersion
 from suites import REGISTRY
@@ -27,6 +29,28 @@ class RunForm(forms.Form):
     batch_size = forms.IntegerField(min_value=1, max_value=256, initial=8)
     shards = forms.IntegerField(
         min_value=1, max_value=64, initial=1, help_text="split across this many workers"
+    )
+    judge = forms.ChoiceField(
+        required=False, help_text="safety suites: the judge of each response (default: rules)"
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["judge"].choices = calibration.judge_choices()
+
+    def clean(self):
+        data = super().clean()
+        suite = REGISTRY.get(data.get("suite", ""))
+        if data.get("judge") and suite is not None and not suite.judged:
+            self.add_error("judge", f"{suite.name} takes no judge: only safety suites do")
+        return data
+
+
+class SendToRatersForm(forms.Form):
+    n = forms.IntegerField(min_value=1, max_value=calibration.MAX_SENT)
+    seed = forms.IntegerField(min_value=0, initial=0, required=False)
+    overlap = forms.IntegerField(
+        min_value=1, max_value=10, initial=3, required=False, help_text="raters per item"
     )
 
 
@@ -62,13 +86,14 @@ def run_list(request):
             batch_size=data["batch_size"],
             shards=data["shards"],
             user=request.user,
+            judge=data["judge"],
         )
         return redirect("run_detail", run_id=run.pk)
     runs = EvalRun.objects.select_related("model", "job").defer("manifest")
     if request.GET.get("complete") == "1":
         runs = runs.filter(complete=True)
     context = {"runs": runs[:100], "form": form, "complete_only": request.GET.get("complete")}
-    return render(request, "evalhub/run_list.html", context)
+    return render(request, "evalhub/run_list.html", context, status=400 if form.errors else 200)
 
 
 @researcher_required
@@ -76,8 +101,46 @@ def run_detail(request, run_id: int):
     """The run page; htmx polls it for the live part (status, progress, metrics, samples)
     while the run's job is queued or running."""
     run = get_object_or_404(EvalRun.objects.select_related("model", "job"), pk=run_id)
-    template = "evalhub/_run_live.html" if request.htmx else "evalhub/run_detail.html"
-    return render(request, template, _run_context(request, run))
+    if request.htmx:
+        return render(request, "evalhub/_run_live.html", _run_context(request, run))
+    context = _run_context(request, run)
+    if run.suite == "safety" and run.metrics is not None:
+        context["calibration"] = calibration.run_calibration(run)
+        context["raters_form"] = SendToRatersForm()
+    return render(request, "evalhub/run_detail.html", context)
+
+
+@require_POST
+@researcher_required
+def run_send_to_raters(request, run_id: int):
+    """A single-sided campaign of a sample of a safety run's responses (no model names)."""
+    run = get_object_or_404(EvalRun, pk=run_id)
+    form = SendToRatersForm(request.POST)
+    if not form.is_valid():
+        field, errors = next(iter(form.errors.items()))
+        return HttpResponseBadRequest(f"{field}: {' '.join(errors)}", content_type="text/plain")
+    try:
+        given = {k: v for k, v in form.cleaned_data.items() if v is not None}
+        campaign = calibration.safety_campaign_create(run=run, user=request.user, **given)
+    except calibration.CalibrationError as exc:
+        return HttpResponseBadRequest(f"{exc.field}: {exc}", content_type="text/plain")
+    return redirect("grading:campaign", campaign_id=campaign.pk)
+
+
+@require_POST
+@researcher_required
+def run_train_judge(request, run_id: int):
+    """A ``safety.judge.train`` job on the labels of the campaigns this run sent to raters."""
+    run = get_object_or_404(EvalRun, pk=run_id)
+    ids = list(calibration.run_campaigns(run).values_list("pk", flat=True))
+    if not ids:
+        return HttpResponseBadRequest("run: no campaign of this run", content_type="text/plain")
+    params = {"campaign_ids": ids, "public": request.POST.get("public") == "on"}
+    try:
+        job = job_submit(kind="safety.judge.train", params=params, user=request.user)
+    except JobError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain")
+    return redirect("job_detail", job_id=job.pk)
 
 
 def _run_context(request, run: EvalRun) -> dict:

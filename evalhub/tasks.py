@@ -689,3 +689,32 @@ def judge(job: Job) -> dict:
     from evalhub.judging import run_judge
 
     return run_judge(job)
+
+
+SAFETY_JUDGE_TRAIN = Params(
+    (
+        Param(
+            "campaign_ids",
+            list,
+            "single-sided campaigns whose harmlessness grades and unsafe flags label harm",
+            required=True,
+            item=int,
+            choices=Rows(Campaign.objects.filter(kind=SINGLE_SIDED)),
+            choices_doc="ids of single-sided grading campaigns",
+            max_len=1000,
+        ),
+        Param("public", bool, "add PyRIT's public train split (objective + harm)", default=True),
+        Param("validate", bool, "measure it on PyRIT's held-out test split", default=True),
+        Param("l2", float, "ridge of the harm head (the built-in's, by CV)", default=1.0, min=1e-6),
+        NAME,
+    )
+)
+
+
+@job_task(kind="safety.judge.train", params=SAFETY_JUDGE_TRAIN, queue="models")
+def safety_judge_train(job: Job) -> dict:
+    """Train the learned safety judge's harm head on campaign labels and register it as a judge
+    (lineage: campaigns and labels hash); a safety run chooses it as `learned:<name>`."""
+    from evalhub.safety_calibration import train_judge_job
+
+    return train_judge_job(job)

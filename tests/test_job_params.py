@@ -37,12 +37,14 @@ def world(db):
         name="rm", kind=ModelVersion.REWARD, backend="reward", location="/m/rm"
     )
     campaign = make_campaign(name="prefs")
+    single = make_campaign(name="harm", kind="single_sided")
     run = EvalRun.objects.create(model=policy, suite="gsm8k")
     return {
         "policy": policy.pk,
         "compressed": compressed.pk,
         "reward": reward.pk,
         "campaign": campaign.pk,
+        "single": single.pk,
         "run": run.pk,
     }
 
@@ -105,6 +107,11 @@ CASES = {
         {"campaign_id": "campaign", "model_id": "policy", "swap": False},
         {"campaign_id": "campaign", "model_id": "reward"},
         "params.model_id",
+    ),
+    "safety.judge.train": (
+        {"campaign_ids": ["single"], "public": False, "l2": 2},
+        {"campaign_ids": ["campaign"]},
+        "params.campaign_ids[0]",
     ),
     "grading.export": (
         {"campaign_id": "campaign", "format": "csv", "include_ties": True},
