@@ -184,7 +184,9 @@ def test_the_embedded_profile_runs_web_worker_and_beat_and_stops_on_ctrl_c(tmp_p
     )
     assert "password:" not in again.stdout  # printed once, never again
 
-    port = __import__("tests.services", fromlist=["free_port"]).free_port()
+    free_port = __import__("tests.services", fromlist=["free_port"]).free_port
+    port, inference_port = free_port(), free_port()
+    env["EVALHUB_INFERENCE_URL"] = f"http://127.0.0.1:{inference_port}"
     log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen(
         manage + ["runplatform", "--bind", f"127.0.0.1:{port}"],
@@ -208,6 +210,15 @@ def test_the_embedded_profile_runs_web_worker_and_beat_and_stops_on_ctrl_c(tmp_p
 
         wait_for(lambda: job_status() == ("succeeded",), 90, "the demo job on the embedded worker")
         wait_for(lambda: healthy() == "ok", 60, "/healthz to report ok", every=1)
+
+        def inference_healthy():
+            try:
+                url = f"http://127.0.0.1:{inference_port}/healthz"
+                return httpx.get(url, timeout=5).json()["status"]
+            except httpx.TransportError:
+                return None
+
+        wait_for(lambda: inference_healthy() == "ok", 60, "the inference server", every=1)
         page = httpx.get(f"http://127.0.0.1:{port}/accounts/login/", timeout=5)
         assert page.status_code == 200 and "csrfmiddlewaretoken" in page.text
         css = httpx.get(f"http://127.0.0.1:{port}/static/evalhub/app.css", timeout=5)
@@ -220,3 +231,4 @@ def test_the_embedded_profile_runs_web_worker_and_beat_and_stops_on_ctrl_c(tmp_p
     assert code == 0 and "EvalHub stopped." in output, output[-3000:]
     leftovers = subprocess.run(["pgrep", "-f", f"127.0.0.1:{port}"], capture_output=True)
     assert leftovers.returncode == 1, "gunicorn is still running after Ctrl-C"
+    assert "did not stop in time" not in output, output[-3000:]

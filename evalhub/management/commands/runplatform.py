@@ -35,7 +35,9 @@ class Command(BaseCommand):
         commands = {
             "web": [py, "-m", "gunicorn", "evalhub.wsgi", "--preload", "--bind", bind,
                     "--workers", str(web_workers), "--worker-class", "gthread",
-                    "--threads", str(web_threads), "--access-logfile", "-"],
+                    "--threads", str(web_threads), "--access-logfile", "-",
+                    # idle keep-alive connections hold a threaded worker's exit; stop in time
+                    "--graceful-timeout", "10"],
             "inference": [py, str(settings.BASE_DIR / "manage.py"), "inferenceserver"],
             "worker": [*celery, "worker", "-Q", "default,models", "--concurrency",
                        str(concurrency), "--loglevel", "INFO"],
