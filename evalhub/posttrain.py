@@ -89,7 +89,7 @@ def conversations_from(params: dict) -> tuple[list[list[dict]], dict]:
     item's conversation (ties left out) or the prompt set "alpaca-eval"
     with its GPT-4 answers (the first ``limit``), and a description of the source for the
     lineage."""
-    from models.posttrain.sft import load_conversations_jsonl
+    from models.posttrain.sft import demonstration, load_conversations_jsonl
 
     if params.get("jsonl"):
         conversations = load_conversations_jsonl(params["jsonl"])
@@ -99,8 +99,8 @@ def conversations_from(params: dict) -> tuple[list[list[dict]], dict]:
 
         prefs = preferences_from_campaigns([int(i) for i in params["campaign_ids"]])
         seen, conversations = set(), []
-        for p in prefs:  # the chosen response, after the conversation it answered
-            chat = [*p.messages, {"role": "assistant", "content": p.chosen}]
+        for p in prefs:  # the chosen response, trained after the conversation it answered
+            chat = demonstration(p.context, p.prompt, p.chosen)
             key = json.dumps(chat)
             if p.tie or key in seen:
                 continue

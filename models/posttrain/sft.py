@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from models.afm import AFM
-from models.chat import checked_messages, conversation, response_text, split_conversation
+from models.chat import checked_messages, response_text, split_conversation
 from models.posttrain import PostTrainResult, Progress, recorder, run_flat
 from models.tokenizer import TextTokenizer
 from models.train import TrainConfig, train
@@ -51,25 +51,29 @@ def encode_conversation(
 ) -> Document:
     """(ids, mask) of one conversation in ``tokenizer``'s chat template; mask True on
     assistant tokens up to and including each turn's last EOS (the template's newline after
-    it is not trained). Keeps the first ``max_len`` tokens. ValueError if the template does not
-    render a conversation as the concatenation of its turns (each rendering a prefix of the
-    next), since then no token belongs to one turn."""
+    it is not trained), except on assistant messages with ``"weight": 0`` (OpenAI's
+    fine-tuning format: context the model reads but is not taught). Keeps the first
+    ``max_len`` tokens. ValueError if the template does not render a conversation as the
+    concatenation of its turns (each rendering a prefix of the next), since then no token
+    belongs to one turn."""
     if not tokenizer.chat_template:
         raise ValueError("SFT needs a tokenizer with a chat template")
+    trained_turns = [m["role"] == "assistant" and m.get("weight", 1) != 0 for m in messages]
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     pieces: list[tuple[str, bool]] = []
     done = ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+    for i in range(len(messages)):
+        if not trained_turns[i]:
             continue
-        head = tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(list(messages[: i + 1]), add_generation_prompt=False)
+        head = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         if not (head.startswith(done) and full.startswith(head)):
             raise ValueError(f"turn {i}: the chat template does not render turns as prefixes")
         pieces += [(head[len(done) :], False), (full[len(head) :], True)]
         done = full
     if not any(trained for _, trained in pieces):
-        raise ValueError("a conversation needs at least one assistant message")
-    rest = tokenizer.apply_chat_template(list(messages), add_generation_prompt=False)
+        raise ValueError("a conversation needs at least one assistant message to train on")
+    rest = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
     pieces.append((rest[len(done) :], False))
     ids: list[int] = []
     mask: list[bool] = []
@@ -120,15 +124,28 @@ def load_conversations_jsonl(path: str | os.PathLike) -> list[list[dict]]:
     return out
 
 
+def demonstration(context: Sequence[dict], prompt: str, completion: str) -> list[dict]:
+    """A prompt-completion pair as a conversation that trains the completion only: the
+    assistant turns of ``context`` get weight 0 (TRL trains only the completion of such
+    rows)."""
+    earlier = [{**m, "weight": 0} if m["role"] == "assistant" else m for m in context]
+    user = {"role": "user", "content": prompt}
+    return [*earlier, user, {"role": "assistant", "content": completion}]
+
+
 def _messages(row: dict) -> list[dict]:
     if "messages" not in row and {"prompt", "completion"} <= set(row):
         context, prompt = split_conversation(row["prompt"])
-        completion = response_text(row["completion"], "completion")
-        return [*conversation(context, prompt), {"role": "assistant", "content": completion}]
+        return demonstration(context, prompt, response_text(row["completion"], "completion"))
     if "messages" not in row:
         raise ValueError("each line needs 'messages', or 'prompt' and 'completion'")
     messages = checked_messages(row["messages"])
-    if not any(m["role"] == "assistant" for m in messages):
+    for m, given in zip(messages, row["messages"], strict=True):
+        if "weight" in given:
+            if given["weight"] not in (0, 1) or isinstance(given["weight"], bool):
+                raise ValueError(f"a message's weight must be 0 or 1, not {given['weight']!r}")
+            m["weight"] = given["weight"]
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
         raise ValueError("no assistant message to train on")
     return messages
 

@@ -146,6 +146,9 @@ def test_mt_bench_is_answered_turn_by_turn_and_graded_side_by_side_on_turn_2(two
     assert item.prompt == prompt_set.records[1]["turns"][1]
     assert item.metadata["turn"] == 2
     assert item.metadata["prompt_set_hash"] == prompt_set.content_hash
+    # the turn's reference answer, where the prompt set has one, is what the LLM judge reads
+    assert item.metadata["reference"] == prompt_set.records[1]["reference"][1]
+    assert "reference" not in campaign.items.get(metadata__record="81").metadata
     for response in item.responses.all():
         # each side shows its own earlier turn, then the graded turn-2 answer
         assert response.text.endswith(turn2[1]) and "Earlier in this conversation" in response.text
@@ -182,3 +185,7 @@ def test_a_single_sided_campaign_grades_every_turn_with_the_earlier_turns_as_con
         {"role": "user", "content": "What is 17 multiplied by 3?"},
         {"role": "assistant", "content": turn1},
     ]
+    from evalhub.judging import case_for
+
+    assert (first.metadata["reference"], second.metadata["reference"]) == ("51", "10")
+    assert case_for(second, ["x"]).reference == "10"  # the judge reads each turn's own
