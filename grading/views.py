@@ -231,11 +231,10 @@ def label_browser(request, campaign_id: int):
     labels, filters = quality.filtered_labels(campaign, request.GET)
     labels = labels.select_related("assignment").prefetch_related("item__responses")
     page = Paginator(labels, 50).get_page(request.GET.get("page"))
-    names = {a["key"]: a["name"] for a in campaign.aspects}
     for label in page:
         label.pressed = _as_pressed(label)
         label.shown = _as_shown(label)
-        label.grades = [(names.get(key, key), score) for key, score in label.scores.items()]
+        label.grades = _as_grades(campaign, label)
     return render(
         request,
         "grading/labels.html",
@@ -253,6 +252,13 @@ def _as_pressed(label) -> tuple[str, str] | None:
         return None
     side = {True: "left", False: "right", None: None}[label.picked_left]
     return _PRESSED.get(Choice(side, label.level).value)
+
+
+def _as_grades(campaign, label) -> list[tuple[str, int]]:
+    """(aspect name, score) in the campaign's order, as the rater's page lists them."""
+    scores = dict(label.scores)
+    named = [(a["name"], scores.pop(a["key"])) for a in campaign.aspects if a["key"] in scores]
+    return named + sorted(scores.items())  # aspects since removed from the campaign
 
 
 def _as_shown(label) -> dict:

@@ -10,7 +10,7 @@ from django.urls import reverse
 
 from grading.models import Assignment, Campaign, Item, Label
 from grading.services import assignment_claim
-from tests.factories import make_campaign, make_items
+from tests.factories import UserFactory, make_campaign, make_items
 
 pytestmark = pytest.mark.django_db
 
@@ -453,3 +453,129 @@ def test_the_rater_api_gives_a_conversations_earlier_turns_without_model_names(c
     assert task["prompt"] == conversations[0][-1]["content"]
     assert {task["left"], task["right"]} == {"Two (0).", "Four (0)."}
     assert "secret-model" not in json.dumps(task)
+
+
+def _claimed(client, campaign, rater):
+    client.post(reverse("grading:next", args=[campaign.pk]))
+    return Assignment.objects.get(rater=rater, status="leased")
+
+
+def test_submitting_without_a_choice_is_a_400_on_the_task_page_naming_the_choice(
+    login, alice, campaign
+):
+    client = login(alice)
+    assignment = _claimed(client, campaign, alice)
+    response = client.post(reverse("grading:submit", args=[assignment.pk]), {})
+    page = html.unescape(response.content.decode())
+    assert response.status_code == 400
+    assert "no choice given: choose which response is better, or a tie" in page
+    assert 'id="label-form"' in page and "unknown choice" not in page  # the task, not a bare page
+    assignment.refresh_from_db()
+    assert assignment.status == "leased" and not Label.objects.exists()
+
+
+def test_a_single_sided_submit_missing_a_score_names_it_and_keeps_the_others(login, alice):
+    campaign = make_campaign(kind="single_sided")
+    make_items(campaign, 1)
+    client = login(alice)
+    assignment = _claimed(client, campaign, alice)
+    given = {"score_instruction_following": "4", "score_conciseness": "2", "comment": "<b>hm</b>"}
+    response = client.post(reverse("grading:submit", args=[assignment.pk]), given)
+    page = response.content.decode()
+    assert response.status_code == 400 and "give truthfulness a score from 1 to 5" in page
+    assert 'name="score_instruction_following" value="4" checked' in page
+    assert 'name="score_conciseness" value="2" checked' in page
+    assert page.count(" checked>") == 2
+    assert "&lt;b&gt;hm&lt;/b&gt;</textarea>" in page
+    assert not Label.objects.exists()
+
+
+def test_a_forged_choice_is_refused_but_an_unknown_value_is_never_echoed_as_markup(
+    login, alice, campaign
+):
+    client = login(alice)
+    assignment = _claimed(client, campaign, alice)
+    response = client.post(
+        reverse("grading:submit", args=[assignment.pk]), {"choice": "<script>x</script>"}
+    )
+    assert response.status_code == 400 and "<script>x" not in response.content.decode()
+
+
+def test_skipping_without_a_reason_is_a_400_on_the_task_page(login, alice, campaign):
+    client = login(alice)
+    assignment = _claimed(client, campaign, alice)
+    response = client.post(reverse("grading:skip", args=[assignment.pk]), {"reason": "  "})
+    assert response.status_code == 400
+    assert "say why you skip this task" in response.content.decode()
+    assignment.refresh_from_db()
+    assert assignment.status == "leased"
+
+
+def _label_with_left(campaign, rater, left: int, choice: str) -> Label:
+    assignment = assignment_claim(rater=rater, campaign=campaign)
+    Assignment.objects.filter(pk=assignment.pk).update(left_position=left)
+    assignment.refresh_from_db()
+    from grading.services import assignment_submit
+
+    assignment_submit(assignment=assignment, data={"choice": choice})
+    return Label.objects.get(assignment=assignment)
+
+
+def _label_rows(page: str) -> list[str]:
+    return page.split("<tbody>")[1].split("</tbody>")[0].split("</tr>")[:-1]
+
+
+def test_the_label_browser_shows_what_the_rater_pressed_and_the_winner_apart(
+    login, alice, bob, carol, campaign
+):
+    # Alice saw the upload's response_b (model-y) on the left and pressed 1, "A is
+    # significantly better"; Bob saw it on the right and pressed 6, a tie.
+    label = _label_with_left(campaign, alice, 1, "left_significantly_better")
+    assert label.preferred.model_name == "model-y"
+    _label_with_left(campaign, bob, 0, "tie_both_bad")
+    page = login(carol).get(reverse("grading:labels", args=[campaign.pk])).content.decode()
+    page = html.unescape(page)
+    rows = {row.split("<td>")[2].split("<")[0]: row for row in _label_rows(page)}
+    alices = rows["alice"]
+    assert "Pressed <kbd>1</kbd> “A is significantly better”" in alices
+    assert "A (left): model-y · B (right): model-x" in alices
+    assert "Winner: <strong>model-y</strong> (the upload's response_b)" in alices
+    assert "(B) significantly better" not in alices
+    bobs = rows["bob"]
+    assert "Pressed <kbd>6</kbd> “Tie: both bad”" in bobs
+    assert "A (left): model-x · B (right): model-y" in bobs
+    assert "No winner: tie both bad" in bobs
+
+
+def test_the_label_browser_shows_single_sided_aspects_by_name(login, alice, carol):
+    from grading.services import assignment_submit
+
+    campaign = make_campaign(kind="single_sided")
+    make_items(campaign, 1)
+    scores = {"instruction_following": 5, "conciseness": 4, "truthfulness": 2, "harmlessness": 3}
+    assignment = assignment_claim(rater=alice, campaign=campaign)
+    assignment_submit(assignment=assignment, data={"scores": scores, "comment": "<i>ok</i>"})
+    page = login(carol).get(reverse("grading:labels", args=[campaign.pk])).content.decode()
+    (row,) = _label_rows(page)
+    assert (
+        "Instruction following <strong>5</strong> · Conciseness <strong>4</strong> · "
+        "Truthfulness <strong>2</strong> · Harmlessness <strong>3</strong>"
+    ) in row
+    assert "&lt;i&gt;ok&lt;/i&gt;" in row and "instruction_following=" not in row
+
+
+def test_the_label_browser_makes_no_query_per_label(login, alice, bob, carol, campaign):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    client = login(carol)
+    _label_with_left(campaign, alice, 0, "left_better")
+    with CaptureQueriesContext(connection) as one:
+        client.get(reverse("grading:labels", args=[campaign.pk]))
+    for _ in range(2):
+        _label_with_left(campaign, bob, 1, "right_better")
+        bob = UserFactory()
+        bob.groups.add(alice.groups.first())
+    with CaptureQueriesContext(connection) as three:
+        client.get(reverse("grading:labels", args=[campaign.pk]))
+    assert len(three) == len(one)

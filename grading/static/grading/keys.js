@@ -15,6 +15,10 @@
     aspects.forEach(function (el, j) { el.classList.toggle("active", j === current); });
     aspects[current].focus();
   }
+  function pick(input) {  // as a click would: checked, and the form hears of it
+    input.checked = true;
+    input.dispatchEvent(new Event("change", { bubbles: true }));
+  }
   function typing(el) {
     return el && (el.tagName === "TEXTAREA" || (el.tagName === "INPUT" && el.type === "text") ||
                   el.name === "reason");
@@ -32,10 +36,10 @@
     var key = e.key;
     if (sideBySide && /^[0-9]$/.test(key)) {
       var radio = form.querySelector('input[data-key="' + key + '"]');
-      if (radio) { radio.checked = true; radio.focus(); e.preventDefault(); }
+      if (radio) { pick(radio); radio.focus(); e.preventDefault(); }
     } else if (!sideBySide && /^[1-5]$/.test(key)) {
       var input = aspects[current] && aspects[current].querySelector('input[value="' + key + '"]');
-      if (input) { input.checked = true; focusAspect(current + 1); e.preventDefault(); }
+      if (input) { pick(input); focusAspect(current + 1); e.preventDefault(); }
     } else if (!sideBySide && (key === "ArrowDown" || key === "j")) { focusAspect(current + 1); e.preventDefault(); }
     else if (!sideBySide && (key === "ArrowUp" || key === "k")) { focusAspect(current - 1); e.preventDefault(); }
     else if (!sideBySide && key === "u") { var u = document.getElementById("unsafe"); u.checked = !u.checked; e.preventDefault(); }
