@@ -63,7 +63,7 @@ class Command(BaseCommand):
                 self.style.SUCCESS(
                     f"\n{bar}\n  Admin account created.\n  username: {admin_username}\n"
                     f"  password: {password}\n  It is shown this once; change it with\n"
-                    f"  python manage.py changepassword {admin_username}\n{bar}\n"
+                    f"  .venv/bin/evalhub changepassword {admin_username}\n{bar}\n"
                 )
             )
         else:
