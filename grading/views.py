@@ -4,7 +4,7 @@ skip. Researchers: campaigns, uploads, the dashboard, the label browser and expo
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpResponseBadRequest
+from django.http import FileResponse, Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
@@ -188,11 +188,11 @@ def campaign_detail(request, campaign_id: int):
     return render(request, "grading/campaign_detail.html", _detail_context(campaign))
 
 
-def _detail_context(campaign, upload_form=None) -> dict:
+def _detail_context(campaign, upload_form=None, export_form=None) -> dict:
     return {
         "campaign": campaign,
         "upload_form": upload_form or UploadForm(),
-        "export_form": ExportForm(),
+        "export_form": export_form or ExportForm(),
         "report": quality.campaign_report(campaign),
         "guidelines_html": render_markdown(campaign.guidelines),
         "exports": Job.objects.filter(kind="grading.export", params__campaign_id=campaign.pk)[:10],
@@ -274,7 +274,8 @@ def campaign_export(request, campaign_id: int):
     campaign = access.access_campaign_for_researcher(request.user, campaign_id)
     form = ExportForm(request.POST)
     if not form.is_valid():
-        return HttpResponseBadRequest(f"invalid export request: {form.errors.as_text()}")
+        context = _detail_context(campaign, export_form=form)
+        return render(request, "grading/campaign_detail.html", context, status=400)
     job = job_submit(
         kind="grading.export",
         user=request.user,

@@ -374,6 +374,7 @@ def test_a_file_of_the_other_kind_creates_no_campaign(login, carol):
         ({"more_aspects": "Conciseness"}, "more_aspects", "'Conciseness' is named twice"),
         ({"more_aspects": "x" * 101}, "more_aspects", "line 1: a name of at most 100"),
         ({"name": ""}, "name", "This field is required"),
+        ({"more_aspects": "Tone\x00"}, "more_aspects", "Null characters are not allowed"),
     ],
 )
 def test_a_bad_field_is_a_400_naming_it_and_creates_nothing(login, carol, fields, field, message):
@@ -579,3 +580,12 @@ def test_the_label_browser_makes_no_query_per_label(login, alice, bob, carol, ca
     with CaptureQueriesContext(connection) as three:
         client.get(reverse("grading:labels", args=[campaign.pk]))
     assert len(three) == len(one)
+
+
+def test_an_export_in_an_unknown_format_is_a_400_on_the_campaign_page(login, carol, campaign):
+    from core.models import Job
+
+    response = login(carol).post(reverse("grading:export", args=[campaign.pk]), {"format": "xlsx"})
+    page = response.content.decode()
+    assert response.status_code == 400 and "Select a valid choice. xlsx" in page
+    assert "Export labels" in page and not Job.objects.exists()
