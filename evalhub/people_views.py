@@ -7,6 +7,7 @@ from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.db.models import F
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
 from core.access import ADMIN, ROLES, role_required
@@ -73,6 +74,7 @@ def person_add(request):
     return person(request, user.pk, secret=("password", password))
 
 
+@never_cache  # it may carry a new password or token: no copy kept in any cache
 @admin_required
 def person(request, user_id: int, *, secret=None, forms_=None, status: int = 200):
     user = get_object_or_404(get_user_model(), pk=user_id)

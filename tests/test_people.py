@@ -172,6 +172,7 @@ def test_an_issued_token_is_shown_once_works_and_stops_working_when_revoked(
     response = client.post(reverse("person_token", args=[carol.pk]), {"name": "<b>ci</b>"})
     page = response.content.decode()
     raw = re.search(r'<code id="secret-value">(evh_[^<]+)</code>', page)[1]
+    assert "no-store" in response["Cache-Control"]
     assert "&lt;b&gt;ci&lt;/b&gt;" in page and "<b>ci</b>" not in page
     token = ApiToken.objects.get(user=carol)
     assert raw not in token.key_hash and _api_status(raw) == 200
