@@ -1,6 +1,7 @@
 """The ``evalhub`` console script (``manage.py`` installed in the virtualenv) and the README's
 command lines: each names a real command and options that command takes."""
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,8 @@ from django.core.management import get_commands, load_command_class
 from django.db import connection
 
 from core.models import ApiToken
+from grading.services import assignment_claim, assignment_submit
+from tests.factories import make_campaign, make_items
 
 EVALHUB = Path(sys.executable).parent / "evalhub"
 needs_script = pytest.mark.skipif(
@@ -21,7 +24,7 @@ needs_script = pytest.mark.skipif(
     "run `.venv/bin/pip install -e .` (make install does)",
 )
 ROOT = Path(settings.BASE_DIR)
-OURS = ("evaluate", "import_model", "create_api_token", "posttrain", "jobkinds")
+OURS = ("evaluate", "import_model", "create_api_token", "export", "posttrain", "jobkinds")
 OURS += ("inferenceserver", "runplatform", "bootstrap")
 
 
@@ -58,8 +61,7 @@ def test_a_commands_help_reads_evalhub_and_an_unknown_command_fails_by_name():
 @needs_script
 @pytest.mark.django_db(transaction=True)  # the subprocess reads what this test committed
 def test_create_api_token_through_evalhub_prints_a_token_that_authenticates(carol, tmp_path):
-    db = connection.settings_dict
-    url = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+    url = _test_db_url()
     done = evalhub("create_api_token", "carol", "--name", "ci", cwd=tmp_path, DATABASE_URL=url)
     assert done.returncode == 0, done.stderr
     raw = done.stdout.strip()
@@ -69,6 +71,33 @@ def test_create_api_token_through_evalhub_prints_a_token_that_authenticates(caro
     done = evalhub("create_api_token", "nobody", cwd=tmp_path, DATABASE_URL=url)
     assert done.returncode == 1 and "no user named 'nobody'" in done.stderr
     assert ApiToken.objects.count() == 1
+
+
+def _test_db_url() -> str:
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+@needs_script
+@pytest.mark.django_db(transaction=True)
+def test_evalhub_export_writes_a_campaigns_labels_where_it_is_run(alice, tmp_path):
+    campaign = make_campaign(overlap=1)
+    make_items(campaign, 3)
+    while (a := assignment_claim(rater=alice, campaign=campaign)) is not None:
+        assignment_submit(assignment=a, data={"choice": "left_better"})
+
+    done = evalhub("export", str(campaign.pk), cwd=tmp_path, DATABASE_URL=_test_db_url())
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / f"campaign{campaign.pk}.jsonl").open()]
+    assert len(rows) == 3 and {"prompt", "chosen", "rejected"} <= set(rows[0])
+    assert f"wrote 3 rows of {campaign.name!r}" in done.stdout
+
+    out = tmp_path / "labels.csv"
+    args = ("export", str(campaign.pk), "--format", "csv", "--out", str(out))
+    assert evalhub(*args, cwd=ROOT, DATABASE_URL=_test_db_url()).returncode == 0
+    assert len(out.read_text().splitlines()) == 4  # header and 3 rows
+    done = evalhub("export", "999999", cwd=tmp_path, DATABASE_URL=_test_db_url())
+    assert done.returncode == 1 and "no campaign with id 999999" in done.stderr
 
 
 def _readme_command_lines() -> list[tuple[str, list[str]]]:
