@@ -128,7 +128,7 @@ class GSM8K(Suite[GSM8KExample]):
 
     name = "gsm8k"
     headline = "strict_match"
-    version = "1.0"
+    version = "1.1"  # 1.1: answers stop at a loop (stop_on_repetition)
     nightly_limit = 50  # ~256 generated tokens each: what a night on two CPU cores allows
 
     def __init__(self, data_path: Path | str | None = None, chat: bool = False) -> None:
@@ -138,7 +138,9 @@ class GSM8K(Suite[GSM8KExample]):
             num_fewshot=len(EXEMPLARS),
             fewshot_format="lm-eval gsm8k-cot: 'Q: ...\\nA: <cot> The answer is N.'",
             # gsm8k-cot.yaml `until`; 256 is lm-eval's default max_gen_toks.
-            generation=GenerationArgs(max_new_tokens=256, stop=("Q:", "</s>", "<|im_end|>")),
+            generation=GenerationArgs(
+                max_new_tokens=256, stop=("Q:", "</s>", "<|im_end|>"), stop_on_repetition=True
+            ),
             chat=chat,
         )
 

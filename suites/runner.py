@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from models.backends.base import TokenBackend, degenerate
 from suites.base import (
     GenerateRequest,
     GenerationArgs,
@@ -43,6 +44,8 @@ class Backend(Protocol):
 
 
 Progress = Callable[[list[SampleResult], int, int], None]  # (new results, done, total)
+# Tokens generated so far in the batch being answered (called as they come, for long batches).
+TokenProgress = Callable[[int], None]
 
 
 @dataclass
@@ -63,6 +66,7 @@ def run_suite(
     batch_size: int = 16,
     shard: tuple[int, int] | None = None,
     seed: int = 0,
+    tokens: TokenProgress | None = None,
 ) -> RunResult:
     """Score `limit` examples of `suite` drawn with `seed` (`Suite.sample`: stratified by
     category, not the first N; every example when `limit` is None), skipping ids in
@@ -72,7 +76,12 @@ def run_suite(
     suite order (MMLU keeps a subject's shared prefix together). On resume, `metrics` covers
     only the newly scored samples: for the whole run call `suite.aggregate(stored + new)`.
     `shard=(k, n)` scores only the examples whose position i satisfies i % n == k, so n workers
-    can split one run; MMLU subjects still reach each shard in order.
+    can split one run; MMLU subjects still reach each shard in order. `tokens` hears how
+    many tokens the batch being answered has generated so far (backends that report them).
+
+    Where the suite's generation args say ``stop_on_repetition``, an answer that ended in a
+    loop (``models.backends.base.degenerate``) is marked ``details["stopped"] =
+    "repetition"``, and ``meta["stopped_repeating"]`` counts them.
     """
     pool = suite.examples()
     chosen = stratified_sample(pool, limit, seed, suite.category_of)
@@ -82,14 +91,19 @@ def run_suite(
         if ex.id not in done_ids and (shard is None or i % shard[1] == shard[0])
     ]
     samples: list[SampleResult] = []
+    looped = 0
     started = time.monotonic()
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         requests = [suite.requests(ex) for ex in batch]
-        outputs = _answer(backend, [r for reqs in requests for r in reqs], suite)
+        outputs = _answer(backend, [r for reqs in requests for r in reqs], suite, tokens)
         scored = []
         for ex, reqs in zip(batch, requests, strict=True):
-            scored.append(suite.score(ex, outputs[: len(reqs)]))
+            result = suite.score(ex, outputs[: len(reqs)])
+            if _looped(suite, outputs[: len(reqs)]):
+                result.details["stopped"] = "repetition"
+                looped += 1
+            scored.append(result)
             outputs = outputs[len(reqs) :]
         samples.extend(scored)
         if progress is not None:
@@ -105,11 +119,21 @@ def run_suite(
         "complete": len(chosen) == len(pool),
         "skipped": len(done_ids),
         "seconds": time.monotonic() - started,
+        "stopped_repeating": looped,
     }
     return RunResult(samples, suite.aggregate(samples), meta)
 
 
-def _answer(backend: Backend, requests: list[Request], suite: Suite[Any]) -> list[Any]:
+def _looped(suite: Suite[Any], outputs: Sequence[Any]) -> bool:
+    args = suite.spec.generation
+    return bool(args is not None and args.stop_on_repetition) and any(
+        isinstance(o, str) and degenerate(o) for o in outputs
+    )
+
+
+def _answer(
+    backend: Backend, requests: list[Request], suite: Suite[Any], tokens: TokenProgress | None
+) -> list[Any]:
     """Send generation and log-likelihood requests in one call each; keep the input order."""
     gen = [(i, r) for i, r in enumerate(requests) if isinstance(r, GenerateRequest)]
     ll = [(i, r) for i, r in enumerate(requests) if isinstance(r, LoglikelihoodRequest)]
@@ -121,7 +145,18 @@ def _answer(backend: Backend, requests: list[Request], suite: Suite[Any]) -> lis
                 f"suite {suite.name} makes generate requests but has no spec.generation"
             )
         prompts = [_prompt_text(backend, r) for _, r in gen]
-        texts = _checked(backend.generate(prompts, args), len(gen))
+        if tokens is not None and isinstance(backend, TokenBackend):
+            made = 0
+
+            def on_token() -> None:
+                nonlocal made
+                made += 1
+                if made % 64 == 0:  # often enough for a live page, rarely enough to be free
+                    tokens(made)
+
+            texts = _checked(backend.generate(prompts, args, on_token), len(gen))
+        else:
+            texts = _checked(backend.generate(prompts, args), len(gen))
         for (i, _), text in zip(gen, texts, strict=True):
             out[i] = text
     if ll:

@@ -24,6 +24,10 @@ class GenerationArgs:
     top_p: float = 1.0  # nucleus sampling mass (Holtzman et al. 2019); 1.0 disables it
     stop: tuple[str, ...] = ()  # output is cut before the first of these strings
     seed: int = 0  # sampling seed, recorded with every result
+    # Stop a row whose text has fallen into a loop (``degenerate``): a small model often
+    # repeats one line to the token cap, which costs minutes per prompt and scores nothing.
+    # Suites set it where no honest answer repeats itself that much.
+    stop_on_repetition: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -57,17 +61,46 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-def stop_check(tok: TextTokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool] | None:
-    """``new_ids -> True`` once any of ``stop`` appears in their text; None without stops.
-    A stop string that just appeared lies within the newest few tokens (each token decodes
-    to at least one character), so only the tail is decoded every step."""
-    if not stop:
+# A loop is a block of at most LOOP_PERIOD characters repeated to fill the last
+# max(LOOP_REPEATS x block, LOOP_SPAN) characters of the text.
+LOOP_PERIOD, LOOP_REPEATS, LOOP_SPAN = 200, 4, 240
+LOOP_EVERY = 16  # generated tokens between two loop checks of a row
+
+
+def degenerate(text: str) -> bool:
+    """Whether ``text`` ends in a loop: its last max(4 p, 240) characters repeat one block of
+    p <= 200 characters (a line or a phrase said over and over, or one character). Two or
+    three repeats, as in "repeat the request, then answer", are not a loop."""
+    for p in range(1, LOOP_PERIOD + 1):
+        n = max(LOOP_REPEATS * p, LOOP_SPAN)
+        if n > len(text):
+            break
+        tail = text[-n:]
+        if tail[p:] == tail[:-p]:  # periodic with period p
+            return True
+    return False
+
+
+def stop_check(
+    tok: TextTokenizer, stop: Sequence[str], repetition: bool = False
+) -> Callable[[list[int]], bool] | None:
+    """``new_ids -> True`` once any of ``stop`` appears in their text or, with
+    ``repetition``, once the text ends in a loop (``degenerate``, checked every
+    ``LOOP_EVERY`` tokens); None when there is nothing to check. A stop string that just
+    appeared lies within the newest few tokens (each token decodes to at least one
+    character), so only the tail is decoded every step."""
+    if not stop and not repetition:
         return None
-    tail = max(len(s) for s in stop) + 4
+    tail = max((len(s) for s in stop), default=0) + 4
+    # Tokens enough to hold the loop check's span whatever their length (one char at least).
+    loop_tokens = LOOP_REPEATS * LOOP_PERIOD
 
     def check(new_ids: list[int]) -> bool:
-        text = tok.decode(new_ids[-tail:], skip_special_tokens=True)
-        return any(s in text for s in stop)
+        if stop and any(s in tok.decode(new_ids[-tail:], skip_special_tokens=True) for s in stop):
+            return True
+        if repetition and len(new_ids) % LOOP_EVERY == 0:
+            return degenerate(tok.decode(new_ids[-loop_tokens:], skip_special_tokens=True))
+        return False
 
     return check
 
@@ -94,15 +127,35 @@ class TokenBackend:
     def chat_format(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def generate(self, prompts: Sequence[str], args: GenerationArgs) -> list[str]:
-        return self._generate_text(prompts, args)
+    def generate(
+        self,
+        prompts: Sequence[str],
+        args: GenerationArgs,
+        on_token: Callable[[], None] | None = None,
+    ) -> list[str]:
+        return self._generate_text(prompts, args, on_token)
 
-    def _generate_text(self, prompts: Sequence[str], args: GenerationArgs, **route) -> list[str]:
-        """``generate``; ``route`` goes to ``_generate_ids`` (the builtin engine's adapters)."""
+    def _generate_text(
+        self,
+        prompts: Sequence[str],
+        args: GenerationArgs,
+        on_token: Callable[[], None] | None = None,
+        **route,
+    ) -> list[str]:
+        """``generate``; ``route`` goes to ``_generate_ids`` (the builtin engine's adapters).
+        ``on_token()`` is called for every token generated (progress of long generations)."""
         tok = self.tokenizer
         ids = [tok.encode(p) for p in prompts]
-        check = stop_check(tok, args.stop)
-        should_stop = None if check is None else (lambda row, new_ids: check(new_ids))
+        check = stop_check(tok, args.stop, args.stop_on_repetition)
+        should_stop = None
+        if on_token is not None:
+
+            def should_stop(row: int, new_ids: list[int]) -> bool:
+                on_token()
+                return check is not None and check(new_ids)
+
+        elif check is not None:
+            should_stop = lambda row, new_ids: check(new_ids)  # noqa: E731
         outputs = self._generate_ids(ids, args, should_stop, **route)
         return [cut_at_stop(tok.decode(o, skip_special_tokens=True), args.stop) for o in outputs]
 

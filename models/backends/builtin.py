@@ -103,11 +103,12 @@ class BuiltinBackend(TokenBackend):
         self,
         prompts: Sequence[str],
         args: GenerationArgs,
+        on_token=None,
         adapters: Sequence[str | os.PathLike | None] | None = None,
     ) -> list[str]:
         """``TokenBackend.generate``, with ``adapters[i]`` (a PEFT-layout directory, or None
         for the base) on prompt i; default: the backend's ``adapter`` everywhere."""
-        return self._generate_text(prompts, args, adapters=adapters)
+        return self._generate_text(prompts, args, on_token, adapters=adapters)
 
     def routing(self, per_row: Sequence[str | os.PathLike | None]):
         """The ``routed`` context for rows asking for these adapters; none without any."""

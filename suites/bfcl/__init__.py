@@ -125,7 +125,7 @@ class BFCL(Suite[BFCLExample]):
     name = "bfcl"
     headline = "accuracy"
     category = "category"
-    version = "1.0"
+    version = "1.1"  # 1.1: answers stop at a loop (stop_on_repetition)
 
     def __init__(
         self, data_dir: Path | str | None = None, categories: Sequence[str] = CATEGORIES
@@ -142,7 +142,9 @@ class BFCL(Suite[BFCLExample]):
             "plaintext, classic) + the question's messages",
             # BFCL's local runs sample at temperature 0.001; we decode greedily. 1024 new
             # tokens covers the longest parallel answers (8 calls) with room for chatter.
-            generation=GenerationArgs(max_new_tokens=1024, temperature=0.0, stop=()),
+            generation=GenerationArgs(
+                max_new_tokens=1024, temperature=0.0, stop=(), stop_on_repetition=True
+            ),
             chat=True,
         )
 

@@ -53,7 +53,7 @@ class IFEval(Suite[IFEvalExample]):
 
     name = "ifeval"
     headline = "prompt_level_strict_acc"
-    version = "1.0"
+    version = "1.1"  # 1.1: answers stop at a loop (stop_on_repetition); lm-eval runs to 1280
     nightly_limit = 50  # generated answers, as GSM8K
     detail_filter = DetailFilter("instructions", "Instruction", "punctuation:no_comma")
 
@@ -63,8 +63,11 @@ class IFEval(Suite[IFEvalExample]):
             split="train",  # the only split Google published
             num_fewshot=0,
             fewshot_format="zero-shot, prompt as the only user turn",
-            # ifeval.yaml: greedy, no stop strings, max_gen_toks 1280.
-            generation=GenerationArgs(max_new_tokens=1280, stop=(), temperature=0.0),
+            # ifeval.yaml: greedy, no stop strings, max_gen_toks 1280; an answer that falls
+            # into a loop stops there (no instruction asks for 4+ repeats of a block).
+            generation=GenerationArgs(
+                max_new_tokens=1280, stop=(), temperature=0.0, stop_on_repetition=True
+            ),
             chat=chat,
         )
 
