@@ -5,6 +5,7 @@ The Celery side (the job, the shard fan-out) is in ``evalhub/tasks.py``, which i
 module; this module never imports it."""
 
 import platform
+import time
 
 from django.db import transaction
 from django.utils import timezone
@@ -22,6 +23,7 @@ from suites.runner import run_suite
 from suites.stats import paired_bootstrap_diff
 
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "django", "celery")
+TOKEN_REPORT_SECONDS = 2.0  # most one token-progress write a job makes in this long
 
 
 def eval_submit(
@@ -80,6 +82,18 @@ def evaluate_run(run: EvalRun, job: Job | None = None, on_batch=None, shard=None
         if on_batch is not None:
             on_batch(len(new), n_done, total)
 
+    last_beat = [0.0]
+
+    def tokens(made: int) -> None:  # long generations: show tokens while a batch runs
+        if job is None or time.monotonic() - last_beat[0] < TOKEN_REPORT_SECONDS:
+            return
+        last_beat[0] = time.monotonic()
+        scored = run.samples.count()
+        job.report(
+            message=f"{scored} of {len(chosen)} samples scored; "
+            f"{made} tokens generated for the batch in progress"
+        )
+
     opts = run.settings
     result = run_suite(
         suite,
@@ -90,6 +104,7 @@ def evaluate_run(run: EvalRun, job: Job | None = None, on_batch=None, shard=None
         batch_size=int(opts.get("batch_size", 8)),
         shard=shard,
         seed=int(opts.get("seed", 0)),
+        tokens=tokens,
     )
     if shard is not None:
         return finish_shard(run, job, shard, result.meta, backend)

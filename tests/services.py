@@ -91,7 +91,8 @@ WORKER_ARGS = (
     "-m celery -A evalhub worker -Q default,models --concurrency 1 --loglevel INFO"
 ).split()
 WEB_ARGS = (
-    "-m gunicorn evalhub.wsgi --preload --bind {bind} --workers 5 --worker-class gthread --threads 8"
+    "-m gunicorn evalhub.wsgi --preload --bind {bind} --workers 5"
+    " --worker-class gthread --threads 8"
 ).split()
 INFERENCE_ARGS = "manage.py inferenceserver --host 0.0.0.0".split()
 BEAT_ARGS = "-m celery -A evalhub beat --loglevel INFO".split()

@@ -243,3 +243,46 @@ def test_a_comparison_with_malformed_run_ids_is_a_bad_request(login, carol, smol
     assert client.get(reverse("run_compare") + f"?a={run.pk}&b=abc").status_code == 400
     assert client.get(reverse("run_compare") + f"?a={run.pk}").status_code == 400
     assert client.get(reverse("run_compare") + f"?a={run.pk}&b=999999").status_code == 404
+
+
+def test_a_generating_run_reports_tokens_and_its_manifest_counts_looped_answers(
+    smol, monkeypatch, login, carol
+):
+    """Issue 16: a long generation shows tokens while its batch runs, and an answer stopped in
+    a loop is marked on the sample and counted in the manifest."""
+    from evalhub import evaluation
+    from suites import REGISTRY
+    from tests.models.test_repetition_stop import Loops
+
+    class StoppingLoops(Loops):
+        def __init__(self):
+            super().__init__(stop=True)
+
+    monkeypatch.setitem(REGISTRY, "loops", StoppingLoops)
+    monkeypatch.setattr(evaluation, "TOKEN_REPORT_SECONDS", 0.0)
+    messages: list[str] = []
+    report = Job.report
+
+    def spy(self, progress=None, message=None):
+        if message:
+            messages.append(message)
+        return report(self, progress, message)
+
+    monkeypatch.setattr(Job, "report", spy)
+    run = EvalRun.objects.create(model=smol, suite="loops", settings={"batch_size": 2})
+    job = _execute(run)
+    assert job.status == "succeeded", job.error
+    assert any("tokens generated for the batch in progress" in m for m in messages)
+    assert messages[-1] == "2 of 2 samples scored"
+    assert run.samples.get(example_id="loop").details["stopped"] == "repetition"
+    assert "stopped" not in run.samples.get(example_id="plain").details
+    assert run.manifest["stopped_repeating"] == 1
+
+    Job.objects.filter(pk=job.pk).update(
+        status=Job.RUNNING, message="0 of 2 samples scored; 640 tokens generated for the batch"
+    )
+    run.samples.all().delete()
+    run.metrics = None
+    run.save(update_fields=["metrics"])
+    page = login(carol).get(reverse("run_detail", args=[run.pk]), HTTP_HX_REQUEST="true")
+    assert 'id="run-tokens">0 of 2 samples scored; 640 tokens generated' in page.content.decode()

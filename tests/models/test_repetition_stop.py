@@ -75,7 +75,7 @@ class Loops(Suite):
         return SampleResult(ex.id, {"n": 1.0}, {}, {"text": outputs[0]})
 
     def aggregate(self, results):
-        return {"n": len(results)}
+        return {"n": {"mean": float(len(results)), "n": len(results)}}
 
 
 def test_the_runner_reports_tokens_and_marks_looped_answers(smol):
