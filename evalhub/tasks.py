@@ -65,6 +65,8 @@ PROMPT_SET = Param(
 )
 PROMPT_LIMIT = Param("limit", int, "rows of the prompt set", default=256, min=1)
 REWARD_MODEL = Rows(ModelVersion.objects.filter(kind=ModelVersion.REWARD))
+# Models that generate text: policies and adapters (not reward models or safety judges).
+GENERATORS = ModelVersion.objects.filter(kind__in=(ModelVersion.POLICY, ModelVersion.ADAPTER))
 TRAINING = Params(
     (
         Param("lr", float, "learning rate (default: the algorithm's)", min=1e-10, max=0.5),
@@ -174,7 +176,7 @@ GENERATE = Params(
             "the models that answer, each once",
             required=True,
             item=int,
-            choices=Rows(ModelVersion.objects.exclude(kind=ModelVersion.REWARD)),
+            choices=Rows(GENERATORS),
             choices_doc="ids of registered policy or adapter models",
             max_len=32,
         ),
@@ -637,7 +639,7 @@ ADAPTER_TRAIN = (
             int,
             "an adapter to start from, or a policy for a fresh adapter",
             required=True,
-            choices=Rows(BUILTIN.exclude(kind=ModelVersion.REWARD)),
+            choices=Rows(GENERATORS.filter(backend="builtin")),
             choices_doc="the id of a registered builtin policy or adapter",
         ),
         ADAPTER_RANK,
@@ -673,7 +675,7 @@ JUDGE = Params(
             int,
             "the judge: any registered model (an OpenAI-compatible endpoint is an openai_http one)",
             required=True,
-            choices=Rows(ModelVersion.objects.exclude(kind=ModelVersion.REWARD)),
+            choices=Rows(GENERATORS),
             choices_doc="the id of a registered policy or adapter model",
         ),
         Param("limit", int, "judge the first N regular items (default: all)", min=1),

@@ -262,3 +262,20 @@ def test_the_jobkinds_command_lists_each_kind_with_its_parameters(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == sorted(KINDS)
     assert "generate: models, prompts" in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "kind, field", [("generate", "params.models"), ("judge", "params.model_id")]
+)
+def test_a_safety_judge_cannot_be_asked_to_generate(client, token, world, kind, field):
+    judge = ModelVersion.objects.create(
+        name="a-judge", kind=ModelVersion.JUDGE, backend="safety_judge", location="/x.json"
+    )
+    params = (
+        {"models": [judge.pk], "prompts": ["hi"]}
+        if kind == "generate"
+        else {"model_id": judge.pk, "campaign_id": world["campaign"]}
+    )
+    response = submit(client, token, kind, params)
+    assert response.status_code == 400 and response.json()["field"].startswith(field)
+    assert not Job.objects.exists()
