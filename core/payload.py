@@ -187,3 +187,30 @@ def request_json(request) -> dict:
     if not isinstance(body, dict):
         raise PayloadError(f"the body must be a JSON object, not {json_type(body)}")
     return body
+
+
+def jsonl_records(
+    text: str, *, max_line: int | None = None
+) -> tuple[list[tuple[int, dict]], list[str]]:
+    """An uploaded JSONL file's objects with their line numbers, and an error naming the row
+    for each line that is not one (too long, not JSON, not an object). Blank lines are skipped.
+    Lines end at "\\n" only: str.splitlines() would also split at U+2028 and other characters
+    that JSON strings may hold unescaped."""
+    records, errors = [], []
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
+        if max_line is not None and len(line) > max_line:
+            errors.append(f"row {number}: the line is longer than {max_line:,} characters")
+            continue
+        try:
+            record = loads(line, subject="the line")
+        except PayloadError as exc:
+            errors.append(f"row {number}: {exc}")
+            continue
+        if not isinstance(record, dict):
+            errors.append(f"row {number}: expected a JSON object, got {json_type(record)}")
+            continue
+        records.append((number, record))
+    return records, errors

@@ -56,7 +56,7 @@ def parse_prompt_file(data: bytes, filename: str) -> list[dict]:
     if not name.endswith((".jsonl", ".json", ".ndjson", ".csv")):
         raise PromptSetError([f"unsupported file type {filename!r}: give .jsonl or .csv"])
     text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-    rows, errors = (_csv_rows if name.endswith(".csv") else _jsonl_rows)(text)
+    rows, errors = (_csv_rows if name.endswith(".csv") else payload.jsonl_records)(text)
     records, first_of_id = [], {}
     for number, row in rows:
         try:
@@ -75,23 +75,6 @@ def parse_prompt_file(data: bytes, filename: str) -> list[dict]:
     if errors:
         raise PromptSetError(errors)
     return records
-
-
-def _jsonl_rows(text: str) -> tuple[list[tuple[int, dict]], list[str]]:
-    rows, errors = [], []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = payload.loads(line.removesuffix("\r"), subject="the line")
-        except PayloadError as exc:
-            errors.append(f"row {number}: {exc}")
-            continue
-        if not isinstance(row, dict):
-            errors.append(f"row {number}: expected a JSON object, got {payload.json_type(row)}")
-            continue
-        rows.append((number, row))
-    return rows, errors
 
 
 def _csv_rows(text: str) -> tuple[list[tuple[int, dict]], list[str]]:

@@ -135,26 +135,7 @@ def _looks_utf16(data: bytes) -> bool:
 
 
 def _read_jsonl(text: str, kind: "Kind") -> tuple[list[tuple[int, dict]], list[str]]:
-    records, errors = [], []
-    # Lines end at "\n" only: str.splitlines() would also split at U+2028 and other characters
-    # that JSON strings may hold unescaped.
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        if len(line) > MAX_LINE:
-            errors.append(f"row {number}: the line is longer than {MAX_LINE:,} characters")
-            continue
-        try:
-            record = payload.loads(line, subject="the line")
-        except PayloadError as exc:
-            errors.append(f"row {number}: {exc}")
-            continue
-        if not isinstance(record, dict):
-            errors.append(f"row {number}: expected a JSON object, got {payload.json_type(record)}")
-            continue
-        records.append((number, record))
-    return records, errors
+    return payload.jsonl_records(text, max_line=MAX_LINE)
 
 
 def _read_csv(text: str, kind: "Kind") -> tuple[list[tuple[int, dict]], list[str]]:

@@ -88,3 +88,25 @@ def hf_smollm2(smollm2_gguf):
     from models.backends.hf import HFBackend
 
     return HFBackend(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(smollm2_gguf, tmp_path_factory):
+    """A 2-layer decoder over SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
+    torch.manual_seed(0)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("posttrain") / "tiny", smollm2_gguf)
+
+
+@pytest.fixture
+def parent(tiny_checkpoint):
+    """``tiny_checkpoint`` registered as a policy (post-training, compression and iTeC jobs
+    start from it)."""
+    from evalhub.models import ModelVersion
+    from evalhub.registry import checkpoint_stats
+
+    return ModelVersion.objects.create(
+        name="tiny-base",
+        backend="builtin",
+        location=str(tiny_checkpoint),
+        **checkpoint_stats(tiny_checkpoint),
+    )

@@ -9,7 +9,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.factories import PASSWORD
-from tests.models.test_posttrain_jobs import campaign, parent, tiny_checkpoint  # noqa: F401
+from tests.models.test_posttrain_jobs import campaign  # noqa: F401
 from tests.services import flush_redis, redis_url, start_worker
 
 pytestmark = [pytest.mark.browser, pytest.mark.services, pytest.mark.django_db(transaction=True)]

@@ -10,7 +10,6 @@ from django.urls import reverse
 from core.jobs import KINDS, execute
 from core.models import Job
 from evalhub.models import EvalRun, ModelVersion
-from tests.models.test_posttrain_jobs import parent, tiny_checkpoint  # noqa: F401
 
 pytestmark = pytest.mark.django_db
 

@@ -14,7 +14,6 @@ from grading.models import Item, Response
 from grading.services import assignment_claim, assignment_submit
 from models.chat import chat_prompt
 from tests.factories import UserFactory, make_campaign
-from tests.models.conftest import save_tiny_checkpoint
 
 pytestmark = pytest.mark.django_db
 
@@ -27,23 +26,6 @@ def context(i: int) -> list[dict]:
         {"role": "user", "content": EARLIER.format(i=i)},
         {"role": "assistant", "content": f"Noted, number {i}."},
     ]
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(smollm2_gguf, tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("conv") / "tiny", smollm2_gguf)
-
-
-@pytest.fixture
-def parent(tiny_checkpoint):
-    from evalhub.registry import checkpoint_stats
-
-    return ModelVersion.objects.create(
-        name="tiny-base",
-        backend="builtin",
-        location=str(tiny_checkpoint),
-        **checkpoint_stats(tiny_checkpoint),
-    )
 
 
 @pytest.fixture

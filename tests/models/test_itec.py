@@ -9,7 +9,7 @@ from core.jobs import KINDS, execute
 from core.models import Job, JobStep
 from evalhub.models import ModelVersion
 from grading.models import Campaign, Item
-from tests.models.test_posttrain_jobs import campaign, parent, tiny_checkpoint  # noqa: F401
+from tests.models.test_posttrain_jobs import campaign  # noqa: F401
 
 pytestmark = pytest.mark.django_db
 

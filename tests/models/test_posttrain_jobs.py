@@ -11,30 +11,8 @@ from evalhub.models import EvalRun, ModelVersion
 from grading.models import Item, Response
 from grading.services import assignment_claim, assignment_submit
 from tests.factories import UserFactory, make_campaign
-from tests.models.conftest import save_tiny_checkpoint
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(smollm2_gguf, tmp_path_factory):
-    """A 2-layer decoder over SmolLM2's vocabulary, saved with SmolLM2's tokenizer."""
-    import torch
-
-    torch.manual_seed(0)
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("posttrain") / "tiny", smollm2_gguf)
-
-
-@pytest.fixture
-def parent(tiny_checkpoint):
-    from evalhub.registry import checkpoint_stats
-
-    return ModelVersion.objects.create(
-        name="tiny-base",
-        backend="builtin",
-        location=str(tiny_checkpoint),
-        **checkpoint_stats(tiny_checkpoint),
-    )
 
 
 @pytest.fixture
