@@ -4,6 +4,7 @@ OpenAI clients (``local-completions``, ``local-chat-completions``) run against E
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -310,10 +311,11 @@ def test_lm_evals_local_chat_completions_generates_through_v1(live_server, serve
     )
     chats = [JsonChatStr(json.dumps([{"role": "user", "content": q}])) for q in QUESTIONS[:2]]
     args = {"until": ["\n\n"], "max_gen_toks": 16, "do_sample": False}
-    outputs = lm.generate_until(
-        [Instance("generate_until", {}, (c, args), i) for i, c in enumerate(chats)],
-        disable_tqdm=True,
-    )
+    requests = [Instance("generate_until", {}, (c, args), i) for i, c in enumerate(chats)]
+    # lm-eval runs concurrent requests with asyncio.run: from a thread of their own, since the
+    # browser tests' Playwright may have an event loop running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        outputs = pool.submit(lm.generate_until, requests, disable_tqdm=True).result()
     assert "Paris" in outputs[0] and all(isinstance(o, str) and o for o in outputs)
 
 

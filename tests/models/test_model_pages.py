@@ -10,7 +10,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
 def test_a_researcher_tries_a_model_and_sees_the_answer_stream_in(
-    page: Page, live_server, carol, smollm2_checkpoint
+    page: Page, live_server, carol, smollm2_checkpoint, inference_server
 ):
     base = ModelVersion.objects.create(
         name="smollm2", backend="builtin", location=str(smollm2_checkpoint), n_params=134_515_008
