@@ -16,7 +16,7 @@ TEST_ENV := DATABASE_URL=$${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:543
 CHROMIUM ?= /usr/bin/chromium
 APT_GET ?= apt-get
 
-.PHONY: run test test-fast lint install chromium
+.PHONY: run test test-fast lint install chromium screenshots
 
 install: $(STAMP)
 
@@ -61,3 +61,7 @@ chromium:
 # The edit-run loop: no lint, no tests marked slow (model training).
 test-fast: $(STAMP) chromium
 	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Full-page screenshots of the main pages on a throwaway demo install (tests/screenshots.py).
+screenshots: $(STAMP) chromium
+	$(PY) -m tests.screenshots --out $${SCREENS:-var/screens}

@@ -281,6 +281,7 @@ def runs(user, skills: dict[str, float]) -> None:
     execute(failed.pk, KINDS["evaluate"].job_fn)
 
 
+BASE, SFT = "smollm2-135m-instruct", "smollm2-135m-sft-helpful"
 CHATS = [
     (
         [
@@ -318,7 +319,7 @@ CHATS = [
 
 def grading(user, raters) -> None:
     from core.jobs import KINDS, execute, job_submit
-    from grading.models import SIDE_BY_SIDE, Campaign
+    from grading.models import SIDE_BY_SIDE, Campaign, Label
     from grading.services import (
         assignment_claim,
         assignment_skip,
@@ -337,7 +338,7 @@ def grading(user, raters) -> None:
         created_by=user,
     )
     rows = [
-        {"messages": m, "response_a": a, "response_b": b, "model_a": "sft", "model_b": "base"}
+        {"messages": m, "response_a": a, "response_b": b, "model_a": SFT, "model_b": BASE}
         for m, a, b in CHATS * 6
     ]
     data = "\n".join(json.dumps(r) for r in rows).encode()
@@ -362,6 +363,10 @@ def grading(user, raters) -> None:
                     if i == 2:
                         data["comment"] = "Correct but padded; the second paragraph repeats."
                 assignment_submit(assignment=a, data=data)
+    # Submitted instantly here; raters take a minute or two a task.
+    for label in Label.objects.all():
+        label.seconds = rng.lognormvariate(4.0, 0.6)
+        label.save(update_fields=["seconds"])
     export = job_submit(
         kind="grading.export",
         params={"campaign_id": Campaign.objects.order_by("pk").first().pk, "format": "jsonl"},
@@ -429,6 +434,7 @@ def pages() -> list[tuple[str, str, str]]:
     first = Campaign.objects.order_by("pk")
     side, single = first[0], first[1]
     export = Job.objects.filter(kind="grading.export").first()
+    posttrain = Job.objects.filter(kind="posttrain.sft").first()
     finished = EvalRun.objects.filter(suite="gsm8k", complete=False, job__status="succeeded")
     live = EvalRun.objects.filter(job__status="running").first()
     failed = Job.objects.filter(status="failed").first()
@@ -438,6 +444,7 @@ def pages() -> list[tuple[str, str, str]]:
         ("01-home", "carol", reverse("home")),
         ("02-jobs", "carol", reverse("job_list")),
         ("03-job-export", "carol", reverse("job_detail", args=[export.pk])),
+        ("03b-job-posttrain", "carol", reverse("job_detail", args=[posttrain.pk])),
         ("04-job-failed", "carol", reverse("job_detail", args=[failed.pk])),
         ("05-models", "carol", reverse("model_list")),
         ("06-model", "carol", reverse("model_detail", args=[derived.pk])),
