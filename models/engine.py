@@ -21,9 +21,14 @@ finished row is replaced by the last live row (one row's slots copied), and the 
 
 Greedy rows give the same tokens as ``models.generate.generate`` on the prompt alone, up to the
 float rounding of batched matmuls. A sampled row draws from its own generator seeded by its
-request, so its tokens do not depend on who else is in the batch. Not done here: speculative
-decoding (``generate``'s int4 draft; it pays for one or two rows, not a full batch) and
-chunked prefill (a long prompt's pass delays the other rows' next step by its length).
+request, so its tokens do not depend on who else is in the batch.
+
+A lone greedy row (nothing else running or waiting) decodes by speculation when the engine has
+a ``draft`` (``models.generate.Draft`` over the int4 copy): each round the draft proposes up to
+k tokens and one pass of the model keeps those it would have picked itself, so the tokens are
+the same and a single client gets the 1.5-2x of ``generate``'s speculative path; a round is one
+engine iteration, so a request that arrives meanwhile joins at the next. Not done here: chunked
+prefill (a long prompt's pass delays the other rows' next step by its length).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from models.afm import AFM, KVCache
-from models.generate import left_pad, prefill, sample_next
+from models.generate import Draft, left_pad, prefill, sample_next
 
 # Routing of per-row LoRA adapters (``BuiltinBackend.routing``): rows' adapter names -> context.
 Routing = Callable[[Sequence[str | None]], contextlib.AbstractContextManager]
@@ -152,6 +157,7 @@ class _Row:
     length: int  # filled cache slots = the RoPE position of the next token fed
     last: int = 0  # the token to feed at the next step
     generator: torch.Generator | None = field(default=None, repr=False)
+    proposals: int = 0  # speculation: proposals to draft next round (0: not started)
 
 
 @dataclass
@@ -171,6 +177,7 @@ class Engine:
     pad_id: the token that pads prompts of unequal length in a prompt pass.
     routing: ``BuiltinBackend.routing``, for requests that name LoRA adapters.
     block: the cache grows in steps of this many slots.
+    draft: speculative decoding for a lone greedy row (``Draft(Int4Draft(model))``, CPU).
     """
 
     def __init__(
@@ -181,8 +188,12 @@ class Engine:
         pad_id: int = 0,
         routing: Routing | None = None,
         block: int = 256,
+        draft: Draft | None = None,
     ):
         self.model, self.max_batch, self.pad_id, self.block = model, max_batch, pad_id, block
+        self.draft = draft
+        if draft is not None:
+            draft.model.refresh()
         self.routing: Routing = routing or (lambda adapters: contextlib.nullcontext())
         self.stats = EngineStats()
         self._waiting: deque[Request] = deque()
@@ -268,7 +279,9 @@ class Engine:
                     joining = [r for r in joining if not r.cancelled]
                     if joining:
                         self._admit(joining)
-                    if self._rows:
+                    if self._speculating():
+                        self._speculate()
+                    elif self._rows:
                         self._step()
             except Exception as exc:  # noqa: BLE001 - fails the work in flight, not the engine
                 for request in [*joining, *(row.request for row in self._rows)]:
@@ -339,6 +352,57 @@ class Engine:
         self.stats.steps += 1
         self.stats.rows_stepped += len(rows)
         self._emit(rows, hidden)
+
+    def _speculating(self) -> bool:
+        """One greedy row without log-probs, nobody waiting, and a draft to propose with."""
+        if self.draft is None or len(self._rows) != 1 or self._waiting:
+            return False
+        r = self._rows[0].request
+        return not r.sampling and r.logprobs is None
+
+    def _speculate(self) -> None:
+        """One round of greedy speculative decoding for the lone row (``models.generate``'s
+        ``_speculate``, one round at a time): the draft proposes n tokens, one model pass over
+        the row's last token and the proposals keeps the agreeing prefix and the model's own
+        next token. n grows by two after a round that kept all, shrinks by one otherwise."""
+        assert self._cache is not None and self.draft is not None
+        row = self._rows[0]
+        request, draft = row.request, self.draft
+        k = draft.most_proposals(1)
+        room = request.max_new_tokens - len(request.new_ids)  # tokens it may still take
+        n = min(row.proposals or k, room - 1, self._cache.capacity - row.length - 1)
+        if n < 1:
+            return self._step()
+        device = self.model.device
+        cache = self._cache.rows(1)
+        cache.length, cache.lengths = row.length, None
+        pos = torch.tensor([row.length], device=device)  # (1,)
+        proposals = [torch.tensor([row.last], device=device)]
+        for j in range(n):  # the draft's writes land in slots length + j
+            proposals.append(draft.model.step(proposals[-1], pos + j, cache))
+        inputs = torch.stack(proposals, dim=1)  # (1, n + 1)
+        cache.length = row.length
+        with self.routing([request.adapter]):
+            hidden = self.model.trunk(
+                inputs, pos[:, None] + torch.arange(n + 1, device=device), cache
+            )
+        greedy = self.model.greedy(hidden)[0]  # (n + 1,)
+        agree = int((inputs[0, 1:] == greedy[:-1]).cumprod(0).sum())
+        draft.proposed, draft.accepted = draft.proposed + n, draft.accepted + agree
+        row.proposals = min(k, n + 2) if agree == n else max(1, n - 1)
+        row.length += agree + 1
+        row.last = int(greedy[agree])
+        self.stats.steps += 1
+        self.stats.rows_stepped += 1
+        finished = False
+        for token_id in greedy[: agree + 1].tolist():
+            self.stats.tokens += 1
+            if request.cancelled or request._offer(Token(token_id)):
+                finished = True
+                break
+        if finished:
+            self._retire(0)
+            self.stats.finished += 1
 
     def _emit(self, rows: list[_Row], hidden: torch.Tensor) -> None:
         """Pick each row's next token from its hidden state (B, dim), hand it over, and retire

@@ -78,9 +78,6 @@ class Loaded:
     def __init__(self, spec: Spec, max_batch: int):
         params = json.loads(spec.params)
         if spec.backend == "builtin":
-            # The engine decodes whole batches: the single-prompt int4 draft would only cost
-            # memory here.
-            params.setdefault("draft", None)
             params.setdefault("batch_size", max_batch)
         self.backend: Backend = load_backend(spec.backend, spec.location, **params)
         self.engine = None
@@ -98,6 +95,8 @@ class Loaded:
                 max_batch=max_batch,
                 pad_id=tok.pad_token_id or 0,
                 routing=self.backend.routing,  # type: ignore[attr-defined]
+                # the int4 draft: a lone greedy request decodes by speculation
+                draft=self.backend.draft,  # type: ignore[attr-defined]
             )
         self.loaded_at = time.time()
 

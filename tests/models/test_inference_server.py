@@ -65,6 +65,30 @@ def test_requests_joining_a_running_batch_get_the_tokens_they_would_alone(smol):
     assert first.finish_reason in ("stop", "length")
 
 
+def test_a_lone_greedy_request_decodes_by_speculation_to_the_same_tokens(smol):
+    from models.draft import Int4Draft
+    from models.generate import Draft
+
+    tok, model = smol.tokenizer, smol.model
+    prompts = [_chat_ids(smol, q) for q in QUESTIONS[:2]]
+    eos = [tok.eos_token_id]
+    alone = [generate(model, [p], max_new_tokens=40, stop_token_ids=eos)[0] for p in prompts]
+    draft = Draft(Int4Draft(model))
+    engine = Engine(model, pad_id=tok.pad_token_id or 0, draft=draft)
+    try:
+        first = engine.submit(Request(prompts[0], max_new_tokens=40, stop_token_ids=eos))
+        assert [t.id for t in first.result(timeout=120)] == alone[0]
+        assert draft.accepted > 0 and engine.stats.steps < len(alone[0])  # tokens per pass > 1
+        # A request arriving while one speculates joins the batch and both stay exact.
+        a = engine.submit(Request(prompts[0], max_new_tokens=40, stop_token_ids=eos))
+        next(a.tokens())
+        b = engine.submit(Request(prompts[1], max_new_tokens=40, stop_token_ids=eos))
+        got_a = alone[0][:1] + [t.id for t in a.result(timeout=120)]
+        assert got_a == alone[0] and [t.id for t in b.result(timeout=120)] == alone[1]
+    finally:
+        engine.close()
+
+
 def test_a_seeded_sample_does_not_depend_on_its_batch_and_logprobs_are_the_models(smol):
     tok, model = smol.tokenizer, smol.model
     prompt = _chat_ids(smol, QUESTIONS[1])
