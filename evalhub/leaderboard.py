@@ -141,7 +141,8 @@ def leaderboard(bootstrap_rounds: int = 100, complete_only: bool = True) -> dict
         | set(aspects)
         | set(ModelVersion.objects.filter(kind="policy").values_list("name", flat=True))
     )
-    suites = sorted(REGISTRY)
+    # Columns for the suites some model has a run of (a suite nobody ran is a column of dashes).
+    suites = sorted({suite for _, suite in runs} & set(REGISTRY))
     rows = []
     for name in names:
         scores = {}

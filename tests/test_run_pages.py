@@ -217,6 +217,14 @@ def test_single_sided_aspects_get_a_board_each(login, carol, alice):
         ]
     html = client.get(reverse("leaderboard")).content.decode()
     assert html.count('class="aspect-board"') == len(campaign.aspect_keys)
+    assert "instruction_following" in campaign.aspect_keys  # AFM's aspects, the default
+    assert "<caption>Instruction following</caption>" in html
+
+
+def test_the_leaderboard_has_columns_only_for_suites_someone_ran(policy, login, carol):
+    finished_run(policy)  # gsm8k
+    data = login(carol).get(reverse("api_leaderboard")).json()
+    assert data["suites"] == ["gsm8k"]
 
 
 # ------------------------------------------------------------------------- runs list

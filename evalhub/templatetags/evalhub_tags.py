@@ -14,6 +14,13 @@ def num(value, digits=2):
 
 
 @register.filter
+def label(name) -> str:
+    """An identifier as a heading: "instruction_following" -> "Instruction following"."""
+    text = str(name).replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+@register.filter
 def get(mapping, key):
     return (mapping or {}).get(key)
 
