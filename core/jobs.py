@@ -17,7 +17,6 @@ import logging
 import threading
 import traceback as tb
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,19 +24,13 @@ from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connections, transaction
 from django.utils import timezone
 
-from core.models import Job, JobCancelled, JobStep, new_task_id, stalled_after
-
-if TYPE_CHECKING:
-    from core.params import Params
+from core.models import Job, JobCancelled, JobError, JobStep, new_task_id, stalled_after
+from core.params import Params
 
 log = logging.getLogger(__name__)
 
 # kind → Celery task; filled by @job_task at import of each app's tasks module.
 KINDS: dict[str, object] = {}
-
-
-class JobError(Exception):
-    """A job failed for a reason worth showing to the user without a traceback."""
 
 
 DEFERRED = object()  # returned by a job function whose completion others will record (shards)

@@ -26,6 +26,10 @@ class JobCancelled(Exception):
     """Raised inside a running job when a researcher has cancelled it."""
 
 
+class JobError(Exception):
+    """A job failed for a reason worth showing to the user without a traceback."""
+
+
 def stalled_after() -> timedelta:
     """How long a running job's worker may go without a heartbeat before the job is stalled."""
     return timedelta(seconds=settings.JOB_HEARTBEAT_SECONDS * settings.JOB_STALLED_AFTER_BEATS)

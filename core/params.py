@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
 
-from core.jobs import JobError
+from core.models import JobError
 
 TYPE_NAMES = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list"}
 TYPE_NAMES[dict] = "object"

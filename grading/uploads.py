@@ -27,13 +27,25 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from core import payload
 from core.payload import PayloadError
 
-if TYPE_CHECKING:
-    from grading.kinds import Kind
+
+class Kind(Protocol):
+    """What parsing an upload needs of a task kind (``grading.kinds``, which builds on this
+    module's limits and text helpers)."""
+
+    label: str
+    fields: frozenset[str]
+    required_columns: tuple[str, ...]
+    foreign_fields: dict[str, str]
+
+    def parse_responses(self, record: dict) -> tuple[list[str], list[str]]: ...
+
+    def parse_gold(self, value, aspects: list[str]) -> dict: ...
+
 
 # A file uploaded through the campaign page is parsed and imported inside the request, so it
 # must finish well within gunicorn's 30-second worker timeout: on a busy 2-core machine a 32 MB
