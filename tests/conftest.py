@@ -87,7 +87,8 @@ def inference_app():
     test process: its models load once per session, like the server's own process does."""
     import threading
 
-    from models.serving.server import InferenceServer, make_http_server
+    from models.serving.app import InferenceServer
+    from models.serving.server import make_http_server
 
     app = InferenceServer(max_batch=8, token="test-inference-token")
     http = make_http_server(app, "127.0.0.1", 0)

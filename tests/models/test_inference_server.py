@@ -385,3 +385,10 @@ def test_jobs_can_send_their_calls_to_the_inference_server(
     assert served.loglikelihood([("The capital of France is", " Paris")])[0][0] == pytest.approx(
         local.loglikelihood([("The capital of France is", " Paris")])[0][0], abs=2e-3
     )
+
+
+def test_a_body_that_is_not_an_object_is_a_400_from_the_server(inference_app):
+    auth = {"Authorization": f"Bearer {inference_app.token}"}
+    for body in (b"null", b"[1, 2]", b"{bad json"):
+        answer = httpx.post(f"{inference_app.url}/v1/completions", content=body, headers=auth)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == 400

@@ -12,7 +12,8 @@ from django.core.management.base import BaseCommand
 
 from evalhub.inference import spec_for
 from evalhub.models import ModelVersion
-from models.serving.server import Spec, serve
+from models.serving.app import Spec
+from models.serving.server import serve
 
 
 class Command(BaseCommand):
