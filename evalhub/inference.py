@@ -1,6 +1,6 @@
 """The web app's side of the inference server (``models/serving``, ``manage.py
 inferenceserver``): what a registered model is to the server (``spec_for``), forwarding OpenAI
-requests to it (``forward``), its health, and a backend that sends a job's calls to it.
+requests to it (``forward``), and a backend that sends a job's calls to it.
 
 Web workers never load a model: /v1 checks the caller and the request here, then the server,
 which holds one copy of each model and batches every caller's requests together, answers.
@@ -92,15 +92,6 @@ def forward(path: str, body: dict, *, stream: bool) -> tuple[int, dict | Iterato
             response.close()  # a client that leaves closes this, and the server frees its row
 
     return 200, relay()
-
-
-def health() -> dict | None:
-    """The server's /healthz, or None when it does not answer."""
-    try:
-        response = _client().get("/healthz", timeout=2.0)
-        return response.json() if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
 
 
 def server_backend(model: ModelVersion):
