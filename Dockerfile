@@ -1,5 +1,9 @@
 FROM python:3.11-slim
 WORKDIR /app
+# gcc: models/lut.c (palettized models' lookup-table matmul) compiles on first use, for the
+# CPU it runs on; without a compiler palettized models run on dequantized copies instead.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 STATIC_ROOT=/app/static EVALHUB_MANIFEST_STATIC=true
 COPY pyproject.toml requirements-data.txt README.md ./
 COPY core core

@@ -493,8 +493,12 @@ class AFM(nn.Module):
 
     def greedy(self, h: torch.Tensor) -> torch.Tensor:
         """Greedy next tokens (...) for hidden states (..., dim): the argmax of ``head(h)``
-        (through ``BoundedGreedy`` once prepacked, rebuilt when the head's weight changes)."""
-        if self._greedy_rows is None or (torch.is_grad_enabled() and h.requires_grad):
+        (through ``BoundedGreedy`` once prepacked, rebuilt when the head's weight changes).
+        A palettized head's lookup-table kernel beats BoundedGreedy's bf16 copy up to about
+        four rows (SmolLM2, 4-bit: 1.7 against ~4 ms on one row; 5.9 against 4.3 on eight)."""
+        palette = getattr(self.tok_emb, "palette", None)
+        lookup = palette is not None and h.numel() <= 4 * h.shape[-1]
+        if self._greedy_rows is None or lookup or (torch.is_grad_enabled() and h.requires_grad):
             return argmax_last(self.head(h))
         version = self.lm_head.version()
         if self._greedy is None or self._greedy[0] != version:

@@ -153,6 +153,17 @@ class TiedHead(Dense):
     def matrix(self) -> torch.Tensor:
         return self._embedding[0].weight
 
+    def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        # A palettized embedding (models.palettize) carries its table as a projection whose
+        # lookup-table kernel reads the packed indices instead of the dense copy: 1.7 against
+        # 9 ms for SmolLM2's head on one row.
+        palette = getattr(self._embedding[0], "palette", None)
+        if rows is None and palette is not None:
+            y = palette.table_lookup(x)
+            if y is not None:
+                return y
+        return super().forward(x, rows)
+
 
 def pack_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
     """oneDNN's copy of a CPU fp32 ``weight`` in its own blocked layout, tuned for inputs of

@@ -4,8 +4,9 @@ gpt-fast's layers. The tensor maths (k-means tables, error feedback, packing, ex
 accounting) is ``models.palette``.
 
 - Runtime. ``PalettizedLinear``: a ``models.linear.Projection`` holding packed indices and
-  fp16 tables, so every layout of ``models.afm`` runs on it unchanged; ``PalettizedEmbedding``
-  for the input embedding (and through ``TiedHead`` the tied output head).
+  fp16 tables, so every layout of ``models.afm`` runs on it unchanged, decoding through the
+  lookup-table kernel of ``models.lut``; ``PalettizedEmbedding`` for the input embedding (and
+  through ``TiedHead`` the tied output head).
 - Handler. ``Calibration`` collects input statistics with forward hooks on the projections
   (and output-gradient statistics when the caller runs a backward pass); ``palettize_model``
   converts a loaded AFM in place and reports every layer; ``palettize_shells`` rebuilds empty
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import lut
 from models.afm import AFM
 from models.linear import Linear, Packed, Projection, TiedHead, tensor_version
 from models.palette import (
@@ -41,8 +43,12 @@ from models.palette import (
     unpack_indices,
 )
 
-
 # -------------------------------------------------------------------------------- runtime
+# Rows up to which a palettized projection multiplies through the lookup-table kernel instead
+# of dequantizing (see PalettizedLinear; decoding batches, speculative verification).
+LUT_ROWS = 32
+
+
 class _Scratch(threading.local):
     """One dequantization buffer per thread, shared by every palettized layer: the matrix
     being multiplied lives only for one call, so the model's memory stays the packed indices
@@ -73,14 +79,19 @@ class PalettizedLinear(Projection):
     tables, one per ``group_size`` output channels (buffers ``packed`` and ``tables``: its
     state dict is the compressed weight).
 
-    ``forward`` dequantizes into a per-thread buffer reused across layers and calls, then
-    multiplies in the input's dtype: exact (x @ effective_weight()ᵀ), in the packed memory
-    footprint. After ``pack(rows)`` (``AFM.prepack``, which the builtin backend calls) it
-    keeps a oneDNN-packed dequantized copy instead, rebuilt when the buffers change: fp32
-    memory again, the dense engine's decoding speed. Measured on SmolLM2's shapes, one row,
-    2 threads: dequantizing per call costs 0.2-0.7 ms a matrix against 0.03-0.1 ms for the
-    packed copy's matmul (dequantizing in chunks of 128 rows into a cache-sized buffer was
-    slower still, 0.26-0.82 ms). Frozen: its buffers have no gradient (LoRA wraps it).
+    ``forward`` on up to ``LUT_ROWS`` fp32 CPU rows without a gradient multiplies straight from
+    the packed indices (``models.lut``: decoding reads 1/8 of the fp32 matrix's bytes at
+    4 bits). Otherwise it dequantizes into a per-thread buffer reused across layers and calls,
+    then multiplies in the input's dtype: exact (x @ effective_weight()ᵀ, up to summation
+    order), in the packed memory footprint. After ``pack(rows)`` (``AFM.prepack``, which the
+    builtin backend calls) a machine without the kernel keeps a oneDNN-packed dequantized copy
+    instead, rebuilt when the buffers change: fp32 memory again, the dense engine's speed.
+    Measured on SmolLM2's shapes, one row, 2 threads: dequantizing per call costs 0.2-0.7 ms
+    a matrix against 0.03-0.1 ms for the packed copy's matmul (dequantizing in chunks of 128
+    rows into a cache-sized buffer was slower still, 0.26-0.82 ms); the kernel, one thread,
+    0.024-0.13 ms against 0.05-0.21 ms for the packed copy with the matrix in cache, and
+    1.7 against 9.0 ms for the 49,152-row head, which is not. Frozen: its buffers have no
+    gradient (LoRA wraps it).
     """
 
     packed: torch.Tensor
@@ -106,6 +117,7 @@ class PalettizedLinear(Projection):
         )
         self.register_buffer("tables", torch.zeros(G, C, dtype=TABLE_DTYPE, device=device))
         self._packed: Packed | None = None
+        self._lut: tuple[tuple, torch.Tensor] | None = None  # (version, kernel_tables)
 
     @classmethod
     def from_palette(cls, palette: Palette, bits: int, group_size: int = GROUP_SIZE):
@@ -121,7 +133,33 @@ class PalettizedLinear(Projection):
     def dequantized(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         return dequantize(self.indices(), self.tables, self.group_size, dtype=dtype, out=out)
 
+    def table_lookup(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ Wᵀ through the lookup-table kernel, or None where it does not apply (more than
+        ``LUT_ROWS`` rows, not fp32 on the CPU, a gradient wanted, no kernel built)."""
+        n = x.numel() // self.in_features
+        if (
+            n > LUT_ROWS
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or self.bits not in lut.WIDTHS
+            or self.group_size % 2
+            or (torch.is_grad_enabled() and x.requires_grad)
+            or not lut.available()
+        ):
+            return None
+        version = self.version()
+        if self._lut is None or self._lut[0] != version:
+            self._lut = (version, lut.kernel_tables(self.tables))
+        y = lut.lut_linear(
+            x.reshape(n, self.in_features), self.packed, self._lut[1], self.bits, self.group_size
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        if rows is None:
+            y = self.table_lookup(x)
+            if y is not None:
+                return y
         if rows is None and self._packed is not None:
             y = self._packed.linear(x)
             if y is not None:
@@ -140,8 +178,10 @@ class PalettizedLinear(Projection):
         return tensor_version(self.packed) + tensor_version(self.tables)
 
     def pack(self, rows: int | None) -> None:
-        """Keep a oneDNN-packed dequantized copy for inputs of about ``rows`` rows, or drop it."""
-        self._packed = Packed(self, rows) if rows else None
+        """Keep a oneDNN-packed dequantized copy for inputs of about ``rows`` rows, or drop it;
+        never where the lookup-table kernel serves such inputs (the model stays small)."""
+        kernel = rows is not None and rows <= LUT_ROWS and lut.available()
+        self._packed = Packed(self, rows) if rows and not kernel else None
 
     def extra_repr(self) -> str:
         return (

@@ -1,0 +1,160 @@
+"""Lookup-table matmul for palettized weights on the CPU (``lut.c`` beside this file).
+
+A palettized projection (``models.palettize.PalettizedLinear``) stores 2- or 4-bit indices
+into one 16-entry table per 16 output channels. Decoding multiplies a few rows by every weight
+once per token, so it is bound by the bytes it reads: the fp32 matrix is 8x (4-bit) to 16x
+(2-bit) the packed indices. ``lut_linear`` multiplies straight from the packed indices: each
+chunk of 16 indices becomes 16 weights in a register through one table permute (AVX-512's
+``vpermps`` holds a whole table), so the weight is never written out in fp32.
+
+Why our own kernel: no library on this machine multiplies by a k-means table. torch's int4
+kernels (``_weight_int4pack_mm``) take affine groups along the input (scale and offset), not
+arbitrary table entries; coremltools and PEFT dequantize to a dense matrix; llama.cpp's
+non-linear IQ4_NL uses one fixed table for every block.
+
+The C file is compiled on first use with the machine's C compiler (``-O3 -march=native
+-fopenmp``) into a cache directory keyed by the source and the compiler, then loaded with
+``ctypes``; where there is no compiler, or the build fails, ``library()`` is None and callers
+keep dequantizing (``available()``). ``EVALHUB_KERNEL_DIR`` overrides the cache directory
+(default ``~/.cache/evalhub/kernels``); ``EVALHUB_LUT=off`` switches the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("lut.c")
+WIDTHS = (2, 4)  # index widths the kernel takes
+ENTRIES = 16  # table entries the kernel reads per group (narrower tables repeat)
+
+_lock = threading.Lock()
+_loaded: list[ctypes.CDLL | None] = []  # empty until the first library() call
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("EVALHUB_KERNEL_DIR")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "evalhub" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _cpu() -> str:
+    """The CPU's model and instruction-set flags where Linux says them, else the machine type."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
+    return platform.machine() + "\n".join(sorted(set(lines)))
+
+
+def _build(compiler: str) -> Path:
+    """Compile ``lut.c`` unless a library from the same source and compiler is cached; the
+    file appears atomically, so concurrent first uses (workers, tests) never load half of it."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    # -march=native builds for this CPU: a cache directory shared by machines with other CPUs
+    # keeps one library per instruction set
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"lut-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(built)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.replace(built, target)
+    return target
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None where it cannot be built or is off."""
+    with _lock:
+        if not _loaded:
+            lib = None
+            compiler = _compiler()
+            if os.environ.get("EVALHUB_LUT", "on") != "off" and compiler is not None:
+                try:
+                    lib = ctypes.CDLL(str(_build(compiler)))
+                except (OSError, subprocess.CalledProcessError):
+                    lib = None
+            if lib is not None:
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                lib.lut_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int]
+                lib.lut_linear.argtypes += [ptr, ctypes.c_int]
+                lib.lut_linear.restype = ctypes.c_int
+                lib.lut_vectorised.restype = ctypes.c_int
+            _loaded.append(lib)
+        return _loaded[0]
+
+
+def available() -> bool:
+    """True where the kernel is built with its vector path (the scalar fallback is slower than
+    dequantizing and multiplying, so callers only choose the kernel where this holds)."""
+    lib = library()
+    return lib is not None and bool(lib.lut_vectorised())
+
+
+def kernel_tables(tables: torch.Tensor) -> torch.Tensor:
+    """(G, 2**bits) stored tables -> (G, 16) fp32 contiguous, a narrower table repeated so that
+    entry k is T[k mod 2**bits] (the kernel reads the low 4 bits of a wider field)."""
+    G, C = tables.shape
+    return tables.float().repeat(1, ENTRIES // C).contiguous()
+
+
+def lut_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    tables16: torch.Tensor,
+    bits: int,
+    group_size: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (n, K) fp32 times the palettized (N, K) matrix transposed: (n, N) fp32.
+
+    packed: (N, ceil(K·bits/8)) uint8 from ``models.palette.pack_indices``; tables16: (G, 16)
+    from ``kernel_tables``. Needs ``library()``; every tensor on the CPU."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the lookup-table kernel is not built on this machine")
+    if bits not in WIDTHS:
+        raise ValueError(f"the kernel takes {WIDTHS}-bit indices, got {bits}")
+    n, K = x.shape
+    N = packed.shape[0]
+    x = x.contiguous()
+    if x.dtype != torch.float32 or tables16.dtype != torch.float32:
+        raise TypeError("lut_linear multiplies fp32 rows by fp32 tables")
+    if packed.shape[1] * 8 < K * bits or tables16.shape != (-(-N // group_size), ENTRIES):
+        raise ValueError(
+            f"packed {tuple(packed.shape)} / tables {tuple(tables16.shape)} "
+            f"do not fit a ({N}, {K}) {bits}-bit matrix"
+        )
+    y = torch.empty(n, N, dtype=torch.float32) if out is None else out
+    lib.lut_linear(
+        x.data_ptr(), n, K, packed.data_ptr(), packed.shape[1], tables16.data_ptr(), N,
+        group_size, bits, y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
