@@ -79,7 +79,9 @@ def run_compress(job: Job) -> dict:
 
     job.report(0.05, f"calibrating on {len(calib)} sequences")
     start = time.perf_counter()
-    calibration = calibrate(model, [torch.tensor([t]) for t, _ in calib])
+    # the head's statistics only palettize a tied embedding: skip them when it stays dense
+    head = target is not None or emb_bits is not None
+    calibration = calibrate(model, [torch.tensor([t]) for t, _ in calib], head=head)
     sensitivity = None
     if target is None:
         job.report(0.2, "palettizing")

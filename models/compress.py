@@ -51,7 +51,6 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.afm import AFM
@@ -87,34 +86,52 @@ class LayerSensitivity:
 
 
 def calibrate(
-    model: AFM, batches: Sequence[torch.Tensor], *, gradients: bool = True
+    model: AFM, batches: Sequence[torch.Tensor], *, gradients: bool = True, head: bool = True
 ) -> Calibration:
-    """Calibration statistics of every projection, the output head included (it palettizes
-    a tied embedding), over ``batches`` ((B, T) ids each, unpadded): input second moments
-    from the forward passes and, with ``gradients``, the per-weight Fisher diagonal from a
-    backward pass of the next-token loss per batch. Only the embedding asks for a gradient,
-    so the activations get theirs and no weight gradient is computed; ``model`` is left as
-    it was (``requires_grad`` of every parameter restored). On SmolLM2 the Fisher took the
-    4-bit model's KL from 0.38 to 0.20 nats/token for about 2x the calibration time
-    (``benchmarks/palettize_quality.py``)."""
+    """Calibration statistics of every block projection and, with ``head``, the output head
+    (what a tied embedding is palettized by; without it the head's (vocab, dim) Fisher, as
+    large as its forward pass, is not computed) over ``batches`` ((B, T) ids each, unpadded):
+    input second moments from the forward passes and, with ``gradients``, the per-weight
+    Fisher diagonal from a backward pass of the next-token loss per batch. The gradient
+    enters at the embedding's output, so no weight gradient is computed at all (not even the
+    tied head's, nor a dense embedding gradient of vocab x dim), and the loss's gradient is
+    written directly (softmax − one-hot, the last position zero) instead of differentiating
+    a log-softmax over the vocabulary; ``model`` is left as it was. On SmolLM2 the Fisher
+    took the 4-bit model's KL from 0.38 to 0.20 nats/token for about 2x the calibration
+    time (``benchmarks/palettize_quality.py``)."""
+    calibration = Calibration.of(model, head=head)
     params = list(model.parameters())
     wanted = [p.requires_grad for p in params]
-    embedding = model.tok_emb.weight
+
+    def leaf(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out.detach().requires_grad_(True)  # backward stops at the embedding's output
+
+    hook = model.tok_emb.register_forward_hook(leaf) if gradients else None
     try:
         for p in params:
             p.requires_grad_(False)
-        embedding.requires_grad_(gradients)
-        with Calibration.of(model) as calibration, torch.set_grad_enabled(gradients):
+        with calibration, torch.set_grad_enabled(gradients):
             for ids in batches:
-                logits = model(ids)
+                logits = model(ids)  # (B, T, V)
                 if gradients:
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-                    loss.backward()
+                    logits.backward(_next_token_grad(logits.detach(), ids))
     finally:
-        embedding.grad = None
+        if hook is not None:
+            hook.remove()
         for p, w in zip(params, wanted, strict=True):
             p.requires_grad_(w)
     return calibration
+
+
+def _next_token_grad(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """d/dlogits of the mean next-token cross-entropy of ``ids`` (B, T) under ``logits``
+    (B, T, V): (softmax − one-hot of the next token) / predicted tokens, zero at the last
+    position, which predicts nothing."""
+    B, T = ids.shape
+    grad = torch.softmax(logits, dim=-1)
+    grad[:, -1] = 0
+    grad[:, :-1].scatter_add_(-1, ids[:, 1:, None], torch.full((B, T - 1, 1), -1.0))
+    return grad.div_(B * (T - 1))
 
 
 def _rope(model: AFM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -243,9 +243,15 @@ class Calibration:
         self._handles: list = []
 
     @classmethod
-    def of(cls, model: AFM) -> Calibration:
-        """Every block projection and the output head."""
-        return cls({n: m for n, m in model.named_modules() if isinstance(m, Projection)})
+    def of(cls, model: AFM, *, head: bool = True) -> Calibration:
+        """Every block projection and, with ``head``, the output head."""
+        return cls(
+            {
+                n: m
+                for n, m in model.named_modules()
+                if isinstance(m, Projection) and (head or m is not model.lm_head)
+            }
+        )
 
     def __enter__(self) -> Calibration:
         for name, module in self.modules.items():

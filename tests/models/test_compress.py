@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.afm import AFM
 from models.compress import (
@@ -269,3 +270,37 @@ def test_calibration_records_the_fisher_and_leaves_the_model_as_it_was(tiny_mode
     assert {n: p.requires_grad for n, p in tiny_model.named_parameters()} == wanted
     assert all(p.grad is None for p in tiny_model.parameters())
     assert calibrate(tiny_model, [_ids(0, rows=1)], gradients=False).fisher("lm_head") is None
+
+
+def test_calibration_fisher_is_the_next_token_losss_squared_gradients(tiny_model):
+    """The Fisher the calibration writes (its gradient entering at the embedding's output,
+    the loss's gradient written by hand) equals E[(g x)²] from autograd's own cross-entropy
+    backward through the whole model; without ``head`` the head is not measured and the
+    blocks' statistics are the same."""
+    ids = _ids(3, rows=2)
+    seen: dict[str, torch.Tensor] = {}
+    w2 = tiny_model.blocks[1].mlp.w2
+
+    def keep(module, args, out):
+        seen["x"] = args[0].detach().reshape(-1, args[0].shape[-1])
+        out.retain_grad()
+        seen["out"] = out
+
+    handle = w2.register_forward_hook(keep)
+    try:
+        logits = tiny_model(ids)
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    finally:
+        handle.remove()
+        tiny_model.zero_grad(set_to_none=True)
+    g = seen["out"].grad.reshape(-1, seen["out"].shape[-1])
+    want = g.square().T @ seen["x"].square() / g.shape[0]
+    calibration = calibrate(tiny_model, [ids])
+    torch.testing.assert_close(calibration.fisher("blocks.1.mlp.w2"), want, rtol=1e-4, atol=1e-12)
+    assert calibration.fisher("lm_head") is not None
+    without = calibrate(tiny_model, [ids], head=False)
+    assert without.fisher("lm_head") is None and without.hessian("lm_head") is None
+    torch.testing.assert_close(without.fisher("blocks.1.mlp.w2"), want, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(
+        without.hessian("blocks.0.attn.wqkv"), calibration.hessian("blocks.0.attn.wqkv")
+    )
