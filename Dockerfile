@@ -1,7 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
-# gcc: models/lut.c (palettized models' lookup-table matmul) compiles on first use, for the
-# CPU it runs on; without a compiler palettized models run on dequantized copies instead.
+# gcc: models/lut.c and kmeans1d.c (palettized decoding, palette fitting) compile on first use for the
+# CPU they run on (models/native.py); without a compiler the torch paths run instead.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 STATIC_ROOT=/app/static EVALHUB_MANIFEST_STATIC=true

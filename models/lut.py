@@ -12,28 +12,21 @@ kernels (``_weight_int4pack_mm``) take affine groups along the input (scale and 
 arbitrary table entries; coremltools and PEFT dequantize to a dense matrix; llama.cpp's
 non-linear IQ4_NL uses one fixed table for every block.
 
-The C file is compiled on first use with the machine's C compiler (``-O3 -march=native
--fopenmp``) into a cache directory keyed by the source and the compiler, then loaded with
-``ctypes``; where there is no compiler, or the build fails, ``library()`` is None and callers
-keep dequantizing (``available()``). ``EVALHUB_KERNEL_DIR`` overrides the cache directory
-(default ``~/.cache/evalhub/kernels``); ``EVALHUB_LUT=off`` switches the kernel off.
+The C file is compiled on first use by ``models.native`` (where there is no compiler, or the
+build fails, ``library()`` is None and callers keep dequantizing, ``available()``);
+``EVALHUB_LUT=off`` switches this kernel off alone.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("lut.c")
+from models import native
+
 WIDTHS = (2, 4)  # index widths the kernel takes
 ENTRIES = 16  # table entries the kernel reads per group (narrower tables repeat)
 
@@ -41,66 +34,11 @@ _lock = threading.Lock()
 _loaded: list[ctypes.CDLL | None] = []  # empty until the first library() call
 
 
-def _cache_dir() -> Path:
-    configured = os.environ.get("EVALHUB_KERNEL_DIR")
-    if configured:
-        return Path(configured)
-    return Path.home() / ".cache" / "evalhub" / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-
-
-def _cpu() -> str:
-    """The CPU's model and instruction-set flags where Linux says them, else the machine type."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))]
-    return platform.machine() + "\n".join(sorted(set(lines)))
-
-
-def _build(compiler: str) -> Path:
-    """Compile ``lut.c`` unless a library from the same source and compiler is cached; the
-    file appears atomically, so concurrent first uses (workers, tests) never load half of it."""
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    # -march=native builds for this CPU: a cache directory shared by machines with other CPUs
-    # keeps one library per instruction set
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + " ".join(flags).encode() + _cpu().encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"lut-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", str(built)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        os.replace(built, target)
-    return target
-
-
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None where it cannot be built or is off."""
     with _lock:
         if not _loaded:
-            lib = None
-            compiler = _compiler()
-            if os.environ.get("EVALHUB_LUT", "on") != "off" and compiler is not None:
-                try:
-                    lib = ctypes.CDLL(str(_build(compiler)))
-                except (OSError, subprocess.CalledProcessError):
-                    lib = None
+            lib = native.load("lut") if os.environ.get("EVALHUB_LUT", "on") != "off" else None
             if lib is not None:
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 lib.lut_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int]
