@@ -1,6 +1,6 @@
 FROM python:3.11-slim
 WORKDIR /app
-# gcc: models/lut.c and kmeans1d.c (palettized decoding, palette fitting) compile on first use for the
+# gcc: models/lut.c and palette.c (palettized decoding, palette fitting) compile on first use for the
 # CPU they run on (models/native.py); without a compiler the torch paths run instead.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*

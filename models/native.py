@@ -1,13 +1,14 @@
 """Our C kernels (``*.c`` beside this file), compiled on first use and loaded with ``ctypes``.
 
 Two live here: ``lut.c``, the lookup-table matmul palettized models decode through
-(``models.lut``), and ``kmeans1d.c``, the weighted 1-D k-means that fits their tables
-(``models.palette.kmeans_tables``). Each is compiled with the machine's C compiler (``-O3
--march=native -fopenmp``) into a cache directory keyed by the source, the compiler, the flags
-and the CPU, and the file appears atomically, so concurrent first uses (workers, tests) never
-load half of it. Where there is no compiler, or the build fails, ``load`` returns None and the
-caller keeps its torch path. ``EVALHUB_KERNEL_DIR`` overrides the cache directory (default
-``~/.cache/evalhub/kernels``); ``EVALHUB_NATIVE=off`` switches every kernel off.
+(``models.lut``), and ``palette.c``, the weighted 1-D k-means that fits their tables and the
+loop of GPTQ's error feedback (``models.palette``). Each is compiled with the machine's C
+compiler (``-O3 -march=native -fopenmp``) into a cache directory keyed by the source, the
+compiler, the flags and the CPU, and the file appears atomically, so concurrent first uses
+(workers, tests) never load half of it. Where there is no compiler, or the build fails,
+``load`` returns None and the caller keeps its torch path. ``EVALHUB_KERNEL_DIR`` overrides
+the cache directory (default ``~/.cache/evalhub/kernels``); ``EVALHUB_NATIVE=off`` switches
+every kernel off.
 """
 
 from __future__ import annotations

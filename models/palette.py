@@ -6,7 +6,7 @@ that run on palettes and the conversion of a whole model are ``models.palettize`
 ``kmeans_tables``: a weighted 1-D k-means per group of ``group_size`` output channels (rows)
 (weighted-quantile initialisation, Lloyd iterations on sorted points, then split/merge rounds
 that bring it within a few percent of the exact 1-D optimum), in C one group at a time
-(``kmeans1d.c`` through ``models.native``) or, where no compiler is, vectorised over every
+(``palette.c`` through ``models.native``) or, where no compiler is, vectorised over every
 group at once in torch, weighted by per-weight importance: the Fisher diagonal from
 calibration gradients (SqueezeLLM, Kim et al. 2023, arXiv:2306.07629, and coremltools' SKM
 weight k-means the same way), or without gradients the mean squared activation of each input
@@ -252,9 +252,9 @@ def kmeans_tables(
 def _kmeans_native(
     x: torch.Tensor, weights: torch.Tensor, C: int, iters: int, rounds: int
 ) -> torch.Tensor | None:
-    """``kmeans1d.c``'s centroids (G, C) fp64 of points x (G, P) weighted by ``weights``;
+    """``palette.c``'s centroids (G, C) fp64 of points x (G, P) weighted by ``weights``;
     None where the kernel does not build."""
-    lib = native.load("kmeans1d")
+    lib = native.load("palette")
     if lib is None:
         return None
     x, weights = x.float().contiguous(), weights.float().contiguous()
@@ -270,15 +270,17 @@ def _kmeans_native(
     if status == -2:
         raise ValueError(f"kmeans1d fits 2 to 256 entries per table, not {C}")
     if status:
-        raise MemoryError(f"kmeans1d could not allocate its buffers for {P} points")
+        raise MemoryError(f"palette.could not allocate its buffers for {P} points")
     return out
 
 
 def _feedback_pass(
-    w: torch.Tensor, row_tables: torch.Tensor, hinv: torch.Tensor
+    w: torch.Tensor, row_tables: torch.Tensor, hinv: torch.Tensor, native_loop: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One GPTQ pass over the columns of w (N, K) (already in processing order) with a
-    per-row table row_tables (N, C), hinv the upper Cholesky factor of H⁻¹ (K, K).
+    per-row table row_tables (N, C), hinv the upper Cholesky factor of H⁻¹ (K, K). Inside
+    each lazy block the column loop runs in C (``palette.c``'s ``feedback_block``, every row
+    on its own) where it builds and ``native_loop``, else column by column in torch.
 
     Returns indices (N, K), the targets each column was rounded from (N, K) and each column's
     weight 1 / hinv[k, k]² in the objective (K,)."""
@@ -286,10 +288,27 @@ def _feedback_pass(
     N, K = W.shape
     indices = torch.empty(N, K, dtype=torch.long)
     targets = torch.empty_like(W)
+    lib = native.load("palette") if native_loop else None
+    if lib is not None:
+        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.feedback_block.argtypes = [ptr, ptr, i64, i64, cint, ptr, ptr, ptr, ptr, cint]
+        lib.feedback_block.restype = None
+    row_tables = row_tables.float().contiguous()
     for i1 in range(0, K, FEEDBACK_BLOCK):
         i2 = min(i1 + FEEDBACK_BLOCK, K)
         W1, H1 = W[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         E1 = torch.empty_like(W1)
+        if lib is not None:
+            H1 = H1.contiguous()
+            idx, tgt = torch.empty(N, i2 - i1, dtype=torch.long), torch.empty_like(W1)
+            lib.feedback_block(
+                W1.data_ptr(), row_tables.data_ptr(), N, i2 - i1, row_tables.shape[1],
+                H1.data_ptr(), idx.data_ptr(), tgt.data_ptr(), E1.data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
+            indices[:, i1:i2], targets[:, i1:i2] = idx, tgt
+            W[:, i2:].sub_(E1 @ hinv[i1:i2, i2:])
+            continue
         for i in range(i2 - i1):
             col = W1[:, i]
             j = (row_tables - col[:, None]).abs().argmin(dim=1)  # (N,)
@@ -322,6 +341,7 @@ def assign_with_feedback(
     row_importance: torch.Tensor | None = None,
     group_size: int = GROUP_SIZE,
     rounds: int = FEEDBACK_ROUNDS,
+    native_loop: bool = True,
 ) -> Palette:
     """Re-choose a palette's indices (and refit its tables) for the layer's output error
     tr(ΔW H ΔWᵀ) under the input second moment ``hessian`` (K, K), instead of each weight's
@@ -329,7 +349,8 @@ def assign_with_feedback(
     of a uniform grid, columns in decreasing H[k, k] ("act order"). After each pass but the
     last, every table entry becomes the weighted mean of the targets rounded to it, each
     weighted by its column's GPTQ weight and its row's ``row_importance`` (N,) if given
-    (rows are independent in the objective, so that weight only matters here)."""
+    (rows are independent in the objective, so that weight only matters here).
+    ``native_loop``: each block's column loop in C where it builds (``_feedback_pass``)."""
     N, K = w.shape
     H = hessian.detach().double().cpu().clone()
     dead = H.diagonal() <= 0
@@ -346,7 +367,9 @@ def assign_with_feedback(
     rows = torch.ones(N) if row_importance is None else row_importance.float().cpu()
     rows = rows.clamp(min=0) + 1e-8 * rows.mean().clamp(min=1e-30)
     for r in range(rounds):
-        indices, targets, col_weight = flushing_denormals(_feedback_pass, W, tables[groups], hinv)
+        indices, targets, col_weight = flushing_denormals(
+            _feedback_pass, W, tables[groups], hinv, native_loop
+        )
         if r == rounds - 1:
             break
         slot = (indices + groups[:, None] * tables.shape[1]).view(-1)

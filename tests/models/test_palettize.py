@@ -30,7 +30,7 @@ from models.palettize import (
     scheme,
 )
 
-needs_native = pytest.mark.skipif(native.load("kmeans1d") is None, reason="no C compiler here")
+needs_native = pytest.mark.skipif(native.load("palette") is None, reason="no C compiler here")
 
 # (rows, columns, seed): multiples of 16 rows and not, odd column counts, one short group only
 SHAPES = [(64, 48, 0), (50, 33, 1), (7, 20, 2), (128, 96, 3), (33, 17, 4), (96, 64, 5)]
@@ -72,6 +72,25 @@ def test_error_feedback_lowers_the_output_error_under_correlated_inputs(rows, co
     plain = kmeans_tables(w, 4, h.diagonal())
     fed = assign_with_feedback(w, plain, h)
     assert _output_error(w, dequantize(*fed), h) < _output_error(w, dequantize(*plain), h)
+
+
+@needs_native
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_the_c_feedback_loop_rounds_as_the_torch_loop(rounds):
+    """palette.c's per-row block loop chooses the same indices and tables as the column loop
+    in torch, over several lazy blocks (300 columns: 128 + 128 + 44) and a table refit."""
+    g = torch.Generator().manual_seed(rounds)
+    w = torch.randn(50, 300, generator=g)
+    x = torch.randn(600, 300, generator=g) @ (
+        torch.randn(300, 300, generator=g) / 17 + torch.eye(300)
+    )
+    h = x.T @ x / 600
+    plain = kmeans_tables(w, 4, h.diagonal())
+    fast = assign_with_feedback(w, plain, h, rounds=rounds)
+    slow = assign_with_feedback(w, plain, h, rounds=rounds, native_loop=False)
+    assert (fast.indices == slow.indices).float().mean() > 0.999
+    torch.testing.assert_close(fast.tables.float(), slow.tables.float(), atol=2e-3, rtol=0)
+    assert _output_error(w, dequantize(*fast), h) < _output_error(w, dequantize(*plain), h)
 
 
 def test_importance_buys_accuracy_where_it_is_large():
@@ -177,7 +196,7 @@ def test_without_a_compiler_the_tables_come_from_the_torch_path(monkeypatch, tmp
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("EVALHUB_KERNEL_DIR", str(tmp_path / "kernels"))
-    assert native.load("kmeans1d") is None
+    assert native.load("palette") is None
     w = torch.randn(40, 24, generator=torch.Generator().manual_seed(3))
     fallback, torch_path = kmeans_tables(w, 4), kmeans_tables(w, 4, native_kmeans=False)
     assert torch.equal(fallback.tables, torch_path.tables)

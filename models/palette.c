@@ -1,8 +1,12 @@
-/* Weighted 1-D k-means per group, the table fit of palettization (models/palette.py,
- * kmeans_tables): the same algorithm as its torch path (_Sorted, _lloyd, _split_merge), one
- * group at a time, groups spread over OpenMP threads.
+/* The two loops of palettization (models/palette.py) that torch runs as thousands of small
+ * operations, each with the same algorithm as its torch path (the fallback):
  *
- * Why C: in torch every split/merge round evaluates every cut of every group as a dozen
+ * kmeans1d: the weighted 1-D k-means per group that fits the tables (kmeans_tables; torch's
+ * _Sorted, _lloyd, _split_merge), one group at a time, groups spread over OpenMP threads.
+ * feedback_block: one lazy block of GPTQ's column-by-column rounding onto the tables
+ * (_feedback_pass), rows spread over threads.
+ *
+ * Why C for k-means: in torch every split/merge round evaluates every cut of every group as a dozen
  * (G, P) fp64 tensors (gathers, searches, divisions); one group at a time the same round is a
  * single pass over the group's prefix sums held in cache, and a group stops as soon as it
  * stops moving. On SmolLM2's 120 fused projections the torch path took ~32 s on one thread.
@@ -176,4 +180,35 @@ int kmeans1d(const float *x, const float *w, int64_t G, int64_t P, int C, int it
         free(pts), free(buf), free(b), free(err);
     }
     return failed ? -1 : 0;
+}
+
+/* One lazy block of GPTQ's rounding with error feedback onto per-row tables (models/
+ * palette.py, _feedback_pass), every row on its own: rows do not interact inside a block (the
+ * columns' order and H are shared), so each row runs its B columns in order, in cache, with
+ * no per-column dispatch (in torch ~6 small operations per column, ~100k columns for SmolLM2).
+ *
+ * w: (N, B) fp32 row-major, the block's columns, updated in place; tables: (N, C) fp32 (each
+ * row's table); h: (B, B) fp32 row-major, the block of the upper Cholesky factor of H^-1.
+ * For column i of each row: index = the nearest entry (the first of equals, as torch.argmin),
+ * target = w[i], err = (w[i] - entry) / h[i][i], then w[j] -= err * h[i][j] for j > i.
+ * Outputs (N, B): idx (int64), targets, errs. */
+void feedback_block(float *w, const float *tables, int64_t N, int64_t B, int C, const float *h,
+                    int64_t *idx, float *targets, float *errs, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t n = 0; n < N; n++) {
+        float *row = w + n * B;
+        const float *table = tables + (int64_t)n * C;
+        for (int64_t i = 0; i < B; i++) {
+            float v = row[i], best = fabsf(table[0] - v);
+            int k = 0;
+            for (int c = 1; c < C; c++) {
+                float d = fabsf(table[c] - v);
+                if (d < best) best = d, k = c;
+            }
+            float err = (v - table[k]) / h[i * B + i];
+            idx[n * B + i] = k, targets[n * B + i] = v, errs[n * B + i] = err;
+            const float *hi = h + i * B;
+            for (int64_t j = i + 1; j < B; j++) row[j] -= err * hi[j];
+        }
+    }
 }
