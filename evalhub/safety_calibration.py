@@ -23,7 +23,7 @@ from django.db import transaction
 from core.jobs import JobError
 from core.models import Job
 from evalhub.models import EvalRun, ModelVersion
-from evalhub.registry import LOADED, model_register_child
+from evalhub.registry import LOADED, SMOLLM2_NAME, model_register_child
 from grading.models import SINGLE_SIDED, Campaign, Item, Label, default_aspects
 from grading.services import campaign_import
 from suites.safety.calibration import RaterLabel, judge_calibration, rater_violation
@@ -51,7 +51,8 @@ class CalibrationError(Exception):
 
 def judge_choices() -> list[tuple[str, str]]:
     """The judges a safety run may use: ``settings.judge`` value → label."""
-    out = [("", "refusal rules (default)"), ("learned", "learned MiniLM judge (built-in)")]
+    out = [("", "refusal rules (default)"), ("learned", "learned MiniLM judge (built-in)"),
+           ("probe", "SmolLM2 hidden-state harm probe (built-in, ~0.4 s a response)")]  # fmt: skip
     names = ModelVersion.objects.order_by("name").values_list("name", flat=True)
     for name in names.filter(kind=ModelVersion.JUDGE):
         out.append((f"learned:{name}", f"learned judge {name} (trained on campaign labels)"))
@@ -61,8 +62,8 @@ def judge_choices() -> list[tuple[str, str]]:
 
 
 def judge_for(spec: str, threshold: float = 0.0):
-    """The judge ``spec`` names ("" or "rules", "learned", "learned:<registered judge>",
-    "reward:<registered reward model>"), loaded once per process. Raises JobError."""
+    """The judge ``spec`` names ("" or "rules", "learned", "probe", "learned:<registered
+    judge>", "reward:<registered reward model>"), loaded once per process. Raises JobError."""
     from suites.safety.judges import RefusalJudge
     from suites.safety.learned import DEFAULT_PATH, EmbeddingJudge
 
@@ -70,6 +71,8 @@ def judge_for(spec: str, threshold: float = 0.0):
         return RefusalJudge()
     if spec == "learned":
         return LOADED.get(("safety_judge", str(DEFAULT_PATH)), EmbeddingJudge.load)
+    if spec == "probe":
+        return probe_judge()
     kind, _, name = spec.partition(":")
     wanted = {"learned": ModelVersion.JUDGE, "reward": ModelVersion.REWARD}.get(kind)
     version = ModelVersion.objects.filter(name=name, kind=wanted).first() if wanted else None
@@ -86,6 +89,28 @@ def judge_for(spec: str, threshold: float = 0.0):
     return RewardJudge(
         lambda p, r: reward.score([p], [r])[0], threshold=threshold, name=version.name
     )
+
+
+def probe_judge():
+    """The SmolLM2 hidden-state judge (``suites/safety/probe.py``) on the registered bundled
+    model's checkpoint (``bootstrap`` imports it), else on the bundled GGUF imported once under
+    VAR_DIR/checkpoints. The head refuses a checkpoint whose weights differ from those it was
+    fitted on. Raises JobError."""
+    from models.checkpoint import CheckpointError
+    from suites.safety import probe
+
+    bundled = ModelVersion.objects.filter(name=SMOLLM2_NAME, backend="builtin").first()
+    root = settings.VAR_DIR / "checkpoints"
+    location = bundled.location if bundled else str(root / probe.BUNDLED_NAME)
+
+    def load():
+        try:
+            checkpoint = Path(location) if bundled else probe.bundled_checkpoint(root)
+            return probe.HiddenStateJudge.load(probe.DEFAULT_PATH, checkpoint)
+        except (FileNotFoundError, ValueError, CheckpointError) as e:
+            raise JobError(f"the probe judge cannot load: {e}") from e
+
+    return LOADED.get(("safety_probe", str(probe.DEFAULT_PATH), location), load)
 
 
 # ---------------------------------------------------------------- sending to raters

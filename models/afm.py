@@ -387,6 +387,7 @@ class AFM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         key_valid: torch.Tensor | None = None,
+        depth: int | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states (B, T, dim) for ``tokens`` (B, T).
 
@@ -395,8 +396,13 @@ class AFM(nn.Module):
             advances by T; with per-row ``cache.lengths``, at each row's own slots.
         key_valid: (B, capacity) bool, False at padding slots of the cache (or, without a cache,
             (B, T) for the tokens themselves). None means no padding.
+        depth: run only the first ``depth`` blocks and return their residual stream, not
+            normed (a hidden-state probe's features, ``suites/safety/probe.py``; later blocks
+            are not run). Only without a cache, which would be left half-written.
         """
         B, T = tokens.shape
+        if depth is not None and (cache is not None or not 1 <= depth <= self.cfg.n_layers):
+            raise ValueError(f"depth {depth}: needs no cache and 1..{self.cfg.n_layers} blocks")
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.capacity:
             raise ValueError(f"KV cache full: {start} + {T} > capacity {cache.capacity}")
@@ -407,8 +413,10 @@ class AFM(nn.Module):
         slots = cache.slots(T) if cache is not None else None  # (B, T) or None
         attention = CachedAttention(cache, start, self._mask(T, start, key_valid, slots), slots)
         x = self.tok_emb(tokens)  # (B, T, dim)
-        for block in self.blocks:
+        for block in self.blocks if depth is None else self.blocks[:depth]:
             x = block(x, cos, sin, attention)
+        if depth is not None:
+            return x
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

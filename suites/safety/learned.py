@@ -69,17 +69,25 @@ def features(embed: Embedder, prompts: Sequence[str], responses: Sequence[str]) 
     return np.hstack([r, o, p * r, p * o, extra])
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = L2, iters: int = 50) -> np.ndarray:
+def fit_logistic(
+    x: np.ndarray,
+    y: np.ndarray,
+    l2: float = L2,
+    iters: int = 50,
+    weight: np.ndarray | None = None,
+) -> np.ndarray:
     """Weights w minimising the mean log-loss + l2/2 |w[:-1]|^2 / N (last column is the bias,
-    unpenalised), by Newton's method from zero. x: (N, F) float64, y: (N,) in {0, 1}."""
+    unpenalised), by Newton's method from zero. x: (N, F) float64, y: (N,) in {0, 1}; each
+    row's loss times `weight` (N,) where given (scikit-learn's sample_weight, C = 1 / l2)."""
     n, f = x.shape
     w = np.zeros(f)
+    s = np.ones(n) if weight is None else weight
     ridge = np.full(f, l2)
     ridge[-1] = 0.0
     for _ in range(iters):
         p = 1 / (1 + np.exp(-(x @ w)))
-        grad = x.T @ (p - y) + ridge * w  # (F,)
-        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(ridge) + 1e-9 * np.eye(f)
+        grad = x.T @ (s * (p - y)) + ridge * w  # (F,)
+        hess = (x * (s * p * (1 - p))[:, None]).T @ x + np.diag(ridge) + 1e-9 * np.eye(f)
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:

@@ -1,8 +1,10 @@
 """Measure every offline judge against PyRIT's public human labels; train the learned judge.
 
     python -m suites.safety.validate --train   # fit the MiniLM heads on the train split
+    python -m suites.safety.validate --train-probe  # fit the SmolLM2 probe's harm head
     python -m suites.safety.validate --write   # score judges on the test split, write
                                                # agreement.json and print the README table
+                                               # (the probe runs SmolLM2 on ~640 rows: ~7 min)
     python -m suites.safety.validate --rubric CHECKPOINT --sample 20 --write
         # the StrongREJECT-rubric LLM judge run by a model (an EvalHub checkpoint directory,
         # or a .gguf/HF directory run by transformers) on a seeded sample of each task's
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,24 @@ def train_learned(version: str = "1"):
     return judge
 
 
+def probe_train_rows() -> list[tuple[str, str, bool]]:
+    """The probe's training rows: objective + graded-harm train split, as the learned judge's
+    harm head."""
+    return [(r.prompt, r.response, r.label) for t in ("objective", "harm")
+            for r in load_split(t, "train")]  # fmt: skip
+
+
+def train_probe(checkpoint: str | None = None, version: str = "1"):
+    """Fit and save the SmolLM2 probe (suites/safety/probe.py) on `checkpoint` (the bundled
+    model if None): ~800 forward passes, ~7 min on one thread."""
+    from suites.safety.probe import DEFAULT_PATH, HiddenStateJudge, HiddenStates, bundled_checkpoint
+
+    states = HiddenStates(checkpoint or bundled_checkpoint())
+    judge = HiddenStateJudge.train(probe_train_rows(), states, version)
+    judge.save(DEFAULT_PATH)
+    return judge
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: one row per judge and task (overall), accuracy / kappa / precision / recall."""
     lines = [
@@ -122,24 +143,38 @@ def category_table(results: dict[str, dict[str, Any]], task: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", action="store_true", help="fit and save the learned judge")
+    parser.add_argument("--train-probe", action="store_true", help="fit and save the probe")
+    parser.add_argument("--probe-checkpoint", help="the probe's model (default: bundled)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the SmolLM2 probe")
     parser.add_argument("--write", action="store_true", help="write agreement.json")
     parser.add_argument("--rubric", metavar="MODEL", help="score only the StrongREJECT judge")
     parser.add_argument("--sample", type=int, help="rows per task (seeded) for --rubric")
     args = parser.parse_args(argv)
     from suites.safety.learned import EmbeddingJudge
+    from suites.safety.probe import HiddenStateJudge
 
     if args.rubric:
         judges: list[Judge] = [rubric_judge(args.rubric)]
     else:
         learned = train_learned() if args.train else EmbeddingJudge.load()
         judges = [HarmBenchSubstringJudge(), RefusalJudge(), learned]
+        if args.train_probe:
+            judges.append(train_probe(args.probe_checkpoint))
+        elif not args.no_probe:
+            judges.append(HiddenStateJudge.load(checkpoint=args.probe_checkpoint))
     sample = args.sample if args.rubric else None
-    results = {f"{j.name}@{getattr(j, 'version', '1')}": evaluate(j, sample=sample) for j in judges}
+    results, timing = {}, []
+    for j in judges:
+        key, t0 = f"{j.name}@{getattr(j, 'version', '1')}", time.perf_counter()
+        results[key] = evaluate(j, sample=sample)
+        n = sum(m["all"]["n"] for m in results[key].values())
+        timing.append(f"{key}: {n} responses, {(time.perf_counter() - t0) / n:.3f} s each")
     if args.write:  # other judges' recorded figures stay
         recorded = json.loads(AGREEMENT_PATH.read_text()) if AGREEMENT_PATH.exists() else {}
         recorded.update(results)
         AGREEMENT_PATH.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     print(table(results))
+    print("\n" + "\n".join(timing))
     for task in ("objective", "harm"):
         print(f"\n{task}\n" + category_table(results, task))
 
