@@ -4,7 +4,7 @@
     python -m suites.safety.validate --train-probe  # fit the SmolLM2 probe's harm head
     python -m suites.safety.validate --write   # score judges on the test split, write
                                                # agreement.json and print the README table
-                                               # (the probe runs SmolLM2 on ~640 rows: ~7 min)
+                                               # (the probe runs SmolLM2 on 639 rows: ~4 min)
     python -m suites.safety.validate --rubric CHECKPOINT --sample 20 --write
         # the StrongREJECT-rubric LLM judge run by a model (an EvalHub checkpoint directory,
         # or a .gguf/HF directory run by transformers) on a seeded sample of each task's
@@ -102,7 +102,7 @@ def probe_train_rows() -> list[tuple[str, str, bool]]:
 
 def train_probe(checkpoint: str | None = None, version: str = "1"):
     """Fit and save the SmolLM2 probe (suites/safety/probe.py) on `checkpoint` (the bundled
-    model if None): ~800 forward passes, ~7 min on one thread."""
+    model if None): 800 forward passes, ~6 min on one thread."""
     from suites.safety.probe import DEFAULT_PATH, HiddenStateJudge, HiddenStates, bundled_checkpoint
 
     states = HiddenStates(checkpoint or bundled_checkpoint())

