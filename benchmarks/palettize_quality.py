@@ -138,11 +138,12 @@ def ours(
     return model, reports, time.perf_counter() - start
 
 
-def coreml(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[nn.Module, float]:
-    """coremltools' SKM on the same block projections: each becomes an ``nn.Linear`` (which
-    coremltools palettizes; our ``Linear`` is the same matmul) in a copy of the model."""
-    from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
+COREML_LAYER = {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}
 
+
+def torch_linears(ckpt: Path) -> AFM:
+    """The dense model with every block projection an ``nn.Linear`` (what coremltools
+    palettizes; our ``Linear`` is the same matmul)."""
     model = load_checkpoint(ckpt)
     for name, module in list(model.named_modules()):
         if isinstance(module, Linear):
@@ -150,9 +151,17 @@ def coreml(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[nn.Module, f
             dense.weight = nn.Parameter(module.effective_weight().clone())
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, dense)
-    linear = {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}
+    return model
+
+
+def coreml(ckpt: Path, calib: list[tuple[list[int], int]]) -> tuple[nn.Module, float]:
+    """coremltools' SKM on the same block projections, in a copy of the model whose
+    projections are ``nn.Linear`` (``torch_linears``)."""
+    from coremltools.optimize.torch.palettization import SKMPalettizer, SKMPalettizerConfig
+
+    model = torch_linears(ckpt)
     config = SKMPalettizerConfig.from_dict(
-        {"module_type_configs": {nn.Linear: linear}, "calibration_nsamples": len(calib)}
+        {"module_type_configs": {nn.Linear: COREML_LAYER}, "calibration_nsamples": len(calib)}
     )
 
     def loss_fn(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

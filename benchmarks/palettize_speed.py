@@ -53,30 +53,21 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.palettize_quality import ALPACA, GGUF_NAME, conversations, package_dir  # noqa: E402
+from benchmarks.palettize_quality import (  # noqa: E402
+    ALPACA,
+    COREML_LAYER,
+    GGUF_NAME,
+    conversations,
+    package_dir,
+    torch_linears,
+)
 from models import lut  # noqa: E402
 from models.afm import AFM  # noqa: E402
 from models.checkpoint import import_checkpoint, load_checkpoint, save_palettized  # noqa: E402
 from models.compress import calibrate  # noqa: E402
 from models.generate import generate  # noqa: E402
-from models.linear import Linear  # noqa: E402
 from models.palettize import palettize_model, scheme  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
-
-COREML_LAYER = {"n_bits": 4, "granularity": "per_grouped_channel", "group_size": 16}
-
-
-def torch_linears(ckpt: Path) -> AFM:
-    """The dense model with every block projection an ``nn.Linear`` (what coremltools
-    palettizes; our ``Linear`` is the same matmul)."""
-    model = load_checkpoint(ckpt)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Linear):
-            dense = nn.Linear(module.in_features, module.out_features, bias=False)
-            dense.weight = nn.Parameter(module.effective_weight().clone())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
-    return model
 
 
 def coreml_plain(ckpt: Path) -> float:
