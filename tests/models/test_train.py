@@ -4,6 +4,7 @@ against ``generate.loglikelihood``."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import socket
@@ -18,10 +19,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from models.afm import AFM, config_from_preset
 from models.generate import loglikelihood
+from models.linear import Linear
 from models.train import (
     TrainConfig,
     latest_checkpoint,
     lr_factor,
+    make_optimizer,
     pack_completions,
     sequence_logprobs,
     train,
@@ -291,3 +294,27 @@ def test_a_row_without_completion_tokens_scores_zero_and_changes_no_gradient():
     for a, b in zip(model.parameters(), alone.parameters(), strict=True):
         # batched and alone sum in other orders: compare at fp32 rounding of the largest entry
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-5 * b.grad.abs().max())
+
+
+def test_an_optimizer_step_is_a_write_the_packed_copies_see():
+    """make_optimizer's fused AdamW (torch's fused kernel does not bump version counters)
+    still marks each updated parameter written, so a prepacked projection serves the new
+    weights; the update equals the default multi-tensor AdamW's to rounding."""
+    torch.manual_seed(0)
+    layer = Linear(32, 16)
+    twin = copy.deepcopy(layer)
+    layer.pack(4)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        layer(x)  # the pack is made from the first weights
+    fused = make_optimizer(list(layer.parameters()), TrainConfig(lr=1e-2))
+    plain = torch.optim.AdamW(
+        twin.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1
+    )
+    assert fused.defaults["fused"]
+    for opt, m in ((fused, layer), (plain, twin)):
+        m(x).square().sum().backward()
+        opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), twin(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), x @ layer.effective_weight().T)
