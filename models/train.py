@@ -144,7 +144,7 @@ class _AdamW(torch.optim.AdamW):
     ``models.linear.tensor_version``) would go on serving the old weights (an RL policy
     would sample from its first weights forever)."""
 
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         out = super().step(closure)
         if self.defaults.get("fused"):
             with torch.no_grad():
