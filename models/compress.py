@@ -136,7 +136,7 @@ def _next_token_grad(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     B, T = ids.shape
     grad = torch.softmax(logits, dim=-1)
     grad[:, -1] = 0
-    grad[:, :-1].scatter_add_(-1, ids[:, 1:, None], torch.full((B, T - 1, 1), -1.0))
+    grad[:, :-1].scatter_add_(-1, ids[:, 1:, None], grad.new_full((B, T - 1, 1), -1.0))
     return grad.div_(B * (T - 1))
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 
 import torch
 
@@ -30,23 +29,17 @@ from models import native
 WIDTHS = (2, 4)  # index widths the kernel takes
 ENTRIES = 16  # table entries the kernel reads per group (narrower tables repeat)
 
-_lock = threading.Lock()
-_loaded: list[ctypes.CDLL | None] = []  # empty until the first library() call
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+SIGNATURES: native.Signatures = {
+    "lut_linear": ([_ptr, _i64, _i64, _ptr, _i64, _ptr, _i64, _i64, _int, _ptr, _int], _int),
+    "lut_vectorised": ([], _int),
+}
+OFF = os.environ.get("EVALHUB_LUT", "on") == "off"  # read once, at import
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None where it cannot be built or is off."""
-    with _lock:
-        if not _loaded:
-            lib = native.load("lut") if os.environ.get("EVALHUB_LUT", "on") != "off" else None
-            if lib is not None:
-                i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                lib.lut_linear.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int]
-                lib.lut_linear.argtypes += [ptr, ctypes.c_int]
-                lib.lut_linear.restype = ctypes.c_int
-                lib.lut_vectorised.restype = ctypes.c_int
-            _loaded.append(lib)
-        return _loaded[0]
+    return None if OFF else native.load("lut", SIGNATURES)
 
 
 def available() -> bool:

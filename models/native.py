@@ -22,11 +22,13 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_signed: set[str] = set()  # libraries whose functions have their signatures set
 
 
 def _cache_dir() -> Path:
@@ -76,9 +78,16 @@ def _build(source: Path, compiler: str) -> Path:
     return target
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The compiled ``<name>.c`` beside this file, built on first use; None where it cannot be
-    built or kernels are off."""
+# a function's name -> (argument types, return type), as ctypes wants them
+Signatures = dict[str, tuple[list[Any], Any]]
+
+
+def load(name: str, signatures: Signatures | None = None) -> ctypes.CDLL | None:
+    """The compiled ``<name>.c`` beside this file with ``signatures`` set on its functions,
+    built on first use (later calls, on every decoding step too, only read a dict); None where
+    it cannot be built or kernels are off."""
+    if name in _loaded and (signatures is None or name in _signed):
+        return _loaded[name]
     with _lock:
         if name not in _loaded:
             lib = None
@@ -89,4 +98,11 @@ def load(name: str) -> ctypes.CDLL | None:
                 except (OSError, subprocess.CalledProcessError):
                     lib = None
             _loaded[name] = lib
-        return _loaded[name]
+        lib = _loaded[name]
+        if signatures is not None and name not in _signed:
+            for function, (argtypes, restype) in signatures.items():
+                if lib is not None:
+                    getattr(lib, function).argtypes = argtypes
+                    getattr(lib, function).restype = restype
+            _signed.add(name)
+        return lib

