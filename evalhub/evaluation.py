@@ -213,12 +213,13 @@ def judge_agreement_with_humans(run: EvalRun, suite) -> dict:
 
 def build_suite(run: EvalRun):
     """The run's suite; judged suites (``Suite.judged``) take the judge ``settings.judge``
-    names (``evalhub.safety_calibration.judge_for``: the rules by default, the built-in or a
-    registered learned judge, or "reward:<model name>" judging harm with a reward model,
-    harmful below ``settings.judge_threshold``)."""
-    from evalhub.safety_calibration import judge_for
+    names (``evalhub.safety_calibration.judge_for``: the rules, the SmolLM2 probe, the
+    built-in or a registered learned judge, or "reward:<model name>" judging harm with a reward
+    model, harmful below ``settings.judge_threshold``), by default the suite's entry in
+    ``DEFAULT_JUDGES`` (safety: the probe, on the registered bundled model) or its own."""
+    from evalhub.safety_calibration import DEFAULT_JUDGES, judge_for
 
-    judge_spec = run.settings.get("judge") or ""
+    judge_spec = run.settings.get("judge") or DEFAULT_JUDGES.get(run.suite, "")
     if not judge_spec:
         return REGISTRY[run.suite]()
     if not REGISTRY[run.suite].judged:

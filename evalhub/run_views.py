@@ -31,7 +31,8 @@ class RunForm(forms.Form):
         min_value=1, max_value=64, initial=1, help_text="split across this many workers"
     )
     judge = forms.ChoiceField(
-        required=False, help_text="safety suites: the judge of each response (default: rules)"
+        required=False,
+        help_text="safety suites: the judge of each response (default: the SmolLM2 harm probe)",
     )
 
     def __init__(self, *args, **kwargs):

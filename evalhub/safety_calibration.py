@@ -49,9 +49,16 @@ class CalibrationError(Exception):
 # ---------------------------------------------------------------- judges
 
 
+# The judge a run of each suite gets when ``settings.judge`` is empty; a suite not named here
+# takes its library default (over-refusal: the refusal rules, which the probe uses for refusal).
+DEFAULT_JUDGES = {"safety": "probe"}
+
+
 def judge_choices() -> list[tuple[str, str]]:
     """The judges a safety run may use: ``settings.judge`` value → label."""
-    out = [("", "refusal rules (default)"), ("learned", "learned MiniLM judge (built-in)"),
+    out = [("", "default (safety: SmolLM2 harm probe; over-refusal: refusal rules)"),
+           ("rules", "refusal rules (no model; a non-refusal is a violation)"),
+           ("learned", "learned MiniLM judge (built-in)"),
            ("probe", "SmolLM2 hidden-state harm probe (built-in, ~0.4 s a response)")]  # fmt: skip
     names = ModelVersion.objects.order_by("name").values_list("name", flat=True)
     for name in names.filter(kind=ModelVersion.JUDGE):

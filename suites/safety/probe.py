@@ -25,6 +25,7 @@ once into a cache directory. The head records the weights' SHA-256 and refuses a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -286,6 +287,13 @@ class HiddenStateJudge:
             if saved != here:
                 raise ValueError(f"{path}: fitted for {what} {saved!r}, this run has {here!r}")
         return cls(Head.from_json(doc["head"]), states, doc["version"], doc["meta"], doc["name"])
+
+
+@functools.cache
+def bundled_judge() -> HiddenStateJudge:
+    """The shipped head on the bundled model, loaded once per process (~15 s the first time in
+    a fresh cache directory: the GGUF import; ~540 MB of fp32 weights)."""
+    return HiddenStateJudge.load()
 
 
 def _judge_id(judge: Judge) -> str:

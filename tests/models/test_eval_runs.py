@@ -207,8 +207,9 @@ def test_a_safety_run_reports_its_judges_agreement_with_human_grades(smol, alice
     from evalhub.evaluation import judge_agreement_with_humans
     from grading.models import Item, Response
     from suites import REGISTRY
+    from suites.safety.judges import RefusalJudge
 
-    suite = REGISTRY["safety"]()
+    suite = REGISTRY["safety"](judge=RefusalJudge())
     examples = suite.examples(4)
     run = EvalRun.objects.create(model=smol, suite="safety", settings={"limit": 4})
     answers = [

@@ -194,8 +194,16 @@ def test_safety_aggregate_breaks_down_by_source_and_category_with_wilson_interva
     assert agg["refused"]["mean"] == pytest.approx(16 / 20)
 
 
-def test_suites_score_responses_end_to_end_with_the_default_judge():
-    safety, over = Safety(sources=["harmbench"]), OverRefusal()
+def test_the_safety_default_judge_is_the_probe_loaded_on_first_use_overrefusal_the_rules():
+    """Naming the default loads nothing; the probe itself is scored in test_safety_probe."""
+    safety = Safety(sources=["harmbench"])
+    assert safety.describe()["judge"] == "smollm2-probe" and safety._judge is None
+    assert safety.version == "1.2"
+    assert OverRefusal().judge.name == "refusal-rules-v2"
+
+
+def test_suites_score_responses_end_to_end_with_the_rules():
+    safety, over = Safety(judge=RefusalJudge(), sources=["harmbench"]), OverRefusal()
     harmful = safety.examples(limit=2)
     scored = [
         safety.score(harmful[0], ["I'm sorry, but I can't help with that."]),

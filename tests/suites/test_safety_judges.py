@@ -69,7 +69,8 @@ def test_human_label_sets_load_with_their_sizes_and_splits_share_no_prompt():
     assert split_of("Tell me a joke") == split_of("  tell me   a JOKE ")
 
 
-def test_default_judge_keeps_its_recorded_agreement_on_held_out_human_labels():
+def test_the_refusal_rules_keep_their_recorded_agreement_on_held_out_human_labels():
+    """The rules are over-refusal's default and the refusal half of the probe (safety's)."""
     judge = RefusalJudge()
     recorded = json.loads(AGREEMENT_PATH.read_text())[f"{judge.name}@{judge.version}"]
     measured = evaluate(judge)
@@ -120,7 +121,7 @@ def test_learned_judge_saves_and_loads_to_the_same_verdicts(tmp_path):
 def test_a_safety_run_records_its_judge_and_the_corrected_rate_beside_the_raw_one():
     from suites.safety import OverRefusal, Safety
 
-    safety = Safety(sources=["harmbench"])
+    safety = Safety(judge=RefusalJudge(), sources=["harmbench"])
     examples = safety.examples(limit=10)
     results = [
         safety.score(ex, ["I can't help with that." if i % 2 else f"Sure: {ex.prompt}"])

