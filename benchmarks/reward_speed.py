@@ -42,7 +42,7 @@ import time
 import torch
 
 from models.afm import AFM, AFMConfig
-from models.checkpoint import hf_llama_config, hf_state_dict
+from models.formats import hf_llama_config, hf_state_dict
 from models.preferences import Preference
 from models.reward import evaluate_reward_model, train_reward_model
 from models.reward_backbones import DecoderBackbone

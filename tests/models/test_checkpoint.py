@@ -20,8 +20,8 @@ from models.checkpoint import (
     save_checkpoint,
     sha256_file,
     source_commit,
-    unpermute_qk,
 )
+from models.formats import unpermute_qk
 from models.linear import TiedHead
 
 
@@ -232,14 +232,14 @@ def test_checkpoint_for_a_trained_from_scratch_model_has_no_head_when_tied(tmp_p
 
 def test_an_exported_hugging_face_directory_reads_back_to_the_same_weights(tmp_path):
     """export_hf writes the Llama layout the importer reads: config and every tensor."""
-    from models.checkpoint import _hf_config, _hf_state_dict, export_hf
+    from models.formats import export_hf, read_hf_config, read_hf_state_dict
 
     model = AFM(config_from_preset("tiny", qk_norm=False)).init_weights(seed=3)
     exported = export_hf(model, tmp_path / "hf")
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
-    assert _hf_config(exported) == model.cfg
-    back = _hf_state_dict(exported, model.cfg)
+    assert read_hf_config(exported) == model.cfg
+    back = read_hf_state_dict(exported, model.cfg)
     assert back.keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
         assert torch.equal(back[name], tensor), name

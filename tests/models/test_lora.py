@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.afm import AFM, config_from_preset
-from models.checkpoint import hf_llama_config, hf_state_dict
+from models.formats import hf_llama_config, hf_state_dict
 from models.linear import Int4Linear, Linear
 from models.lora import (
     LoRALinear,
