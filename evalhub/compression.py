@@ -192,7 +192,15 @@ def compression_table(model: ModelVersion) -> list[dict]:
     ]
 
 
-RECOVERY_DEFAULTS = {"rank": 16, "steps": 50, "lr": 1e-4, "batch_size": 4, "train_seqs": 64}
+# lr 1e-3 and the error init: benchmarks/palettize_recovery.py (1e-4 barely moved the KL)
+RECOVERY_DEFAULTS = {
+    "rank": 16,
+    "steps": 50,
+    "lr": 1e-3,
+    "batch_size": 4,
+    "train_seqs": 64,
+    "init": "error",
+}
 
 
 def run_recovery(job: Job) -> dict:
@@ -200,7 +208,7 @@ def run_recovery(job: Job) -> dict:
     by distillation from the model it was compressed from (AFM §5), registered as an adapter
     of it and served as the compressed base plus the adapter (``BuiltinBackend(adapter=)``)."""
     from models.checkpoint import load_checkpoint
-    from models.compress import distribution_gap, train_recovery_adapter
+    from models.compress import calibrate, distribution_gap, train_recovery_adapter
     from models.lora import save_adapter
     from models.tokenizer import load_tokenizer
     from models.train import TrainConfig, pack_completions
@@ -242,8 +250,24 @@ def run_recovery(job: Job) -> dict:
         seed=int(p.get("seed", 0)),
         device=p.get("device"),
     )
+    init = p["init"]
+    if init not in ("error", "zero"):
+        raise JobError("'init' must be 'error' or 'zero'")
+    # the error init weighs each layer's error by its inputs on the training text
+    calibration = (
+        calibrate(teacher, [ids for ids, _ in train_text], gradients=False, head=False)
+        if init == "error"
+        else None
+    )
     recovery = train_recovery_adapter(
-        compressed, teacher, train_text, config, rank, progress=curves.update
+        compressed,
+        teacher,
+        train_text,
+        config,
+        rank,
+        init=init,
+        calibration=calibration,
+        progress=curves.update,
     )
     curves.flush()
     after = distribution_gap(teacher, compressed, held_out)
@@ -259,6 +283,7 @@ def run_recovery(job: Job) -> dict:
         "adapter": {
             "kind": "recovery",
             "rank": rank,
+            "init": init,
             "bytes_16bit": recovery.adapter_bytes,
             "steps": recovery.state.step,
             "teacher": original.name,

@@ -164,9 +164,17 @@ class RecoveryForm(forms.Form):
 
     rank = forms.TypedChoiceField(choices=[(r, r) for r in (8, 16, 32)], coerce=int, initial=16)
     steps = forms.IntegerField(min_value=1, max_value=100_000, initial=200)
-    lr = forms.FloatField(min_value=1e-7, max_value=0.1, initial=1e-4, label="Learning rate")
+    lr = forms.FloatField(min_value=1e-7, max_value=0.1, initial=1e-3, label="Learning rate")
     train_seqs = forms.IntegerField(
         min_value=1, max_value=700, initial=256, label="Training sequences"
+    )
+    init = forms.ChoiceField(
+        choices=[
+            ("error", "fit to each layer's compression error"),
+            ("zero", "zero (the compressed model itself)"),
+        ],
+        initial="error",
+        label="Adapter start",
     )
 
 

@@ -465,6 +465,47 @@ class Recovery:
     state: TrainState
 
 
+def init_from_error(
+    adapters: Sequence[LoRALinear],
+    compressed: AFM,
+    original: AFM,
+    calibration: Calibration | None = None,
+    damp: float = 0.01,
+) -> list[float]:
+    """Start each adapter at the best rank-r correction of its base's compression error
+    instead of at zero (LoftQ's idea, Li et al. 2023, arXiv:2310.08659, there for uniform
+    NF4 and unweighted): with ΔW = W − Ŵ the original weight minus the palettized one and
+    H = E[x xᵀ] the layer's calibration inputs, (α/r)·BA minimises the expected output error
+    E‖(ΔW − (α/r)BA) x‖² = ‖(ΔW − (α/r)BA) L‖²_F (H = L Lᵀ): the top-r SVD of ΔW L,
+    mapped back through L⁻¹ (the data-aware truncation of SVD-LLM, Wang et al. 2024,
+    arXiv:2403.07378), H damped by ``damp`` × the mean of its diagonal. Without calibration
+    (or a layer it never saw) H = I, plain SVD. Returns, per adapter, the share of the
+    output error tr(ΔW H ΔWᵀ) the correction removes; distillation then trains from there."""
+    reference, chosen = dict(original.named_modules()), {id(m) for m in adapters}
+    removed = []
+    with torch.no_grad():
+        for name, m in compressed.named_modules():
+            if not isinstance(m, LoRALinear) or m.rank == 0 or id(m) not in chosen:
+                continue
+            w = reference[name].effective_weight().float()
+            delta = w - m.base.effective_weight().float()  # (out, in)
+            h = calibration.hessian(name) if calibration is not None else None
+            h = torch.eye(delta.shape[1]) if h is None else h
+            h = h.double() + damp * float(h.diagonal().mean()) * torch.eye(
+                len(h), dtype=torch.double
+            )
+            chol = torch.linalg.cholesky(h)  # H = L Lᵀ, L lower
+            u, sv, vh = torch.linalg.svd(delta.double() @ chol, full_matrices=False)
+            root = sv[: m.rank].sqrt()  # B and A share the singular values' square roots
+            a = torch.linalg.solve_triangular(
+                chol, root[:, None] * vh[: m.rank], upper=False, left=False
+            )
+            m.lora_B.copy_((u[:, : m.rank] * root / m.scale).float())
+            m.lora_A.copy_(a.float())  # (α/r)·BA = U_r S_r V_rᵀ L⁻¹
+            removed.append(float(sv[: m.rank].square().sum() / sv.square().sum().clamp_min(1e-30)))
+    return removed
+
+
 def train_recovery_adapter(
     compressed: AFM,
     original: AFM,
@@ -475,6 +516,8 @@ def train_recovery_adapter(
     alpha: float | None = None,
     top_k: int = TOP_K,
     seed: int = 0,
+    init: str = "zero",
+    calibration: Calibration | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> Recovery:
     """Put rank-``rank`` LoRA on every attention and feed-forward projection of the
@@ -483,12 +526,19 @@ def train_recovery_adapter(
     tokens of ``topk_kl``, through ``models.train.train`` (examples are rows, weighted by
     their marked tokens). The teacher runs once per row, before training, keeping ``top_k``
     log-probs per token (64 × 12 bytes against SmolLM2's 49,152 × 4); ``original`` can be
-    dropped afterwards. α defaults to 2·rank (``apply_lora``'s scale 2).
+    dropped afterwards. α defaults to 2·rank (``apply_lora``'s scale 2). ``init`` "zero"
+    starts from PEFT's init (B = 0: the palettized model itself); "error" from the best
+    rank-r correction of each layer's compression error under ``calibration``'s input
+    statistics (``init_from_error``).
 
     The adapters train in fp32 and end rounded to fp16: the returned model is what a 16-bit
     adapter computes. They stay separate from the base (no merge), as AFM ships them."""
     targets = _teacher(original, token_batches, top_k)
+    if init not in ("zero", "error"):
+        raise ValueError(f"init must be 'zero' or 'error', not {init!r}")
     adapters = apply_lora(compressed, rank, 2.0 * rank if alpha is None else alpha, seed=seed)
+    if init == "error":
+        init_from_error(adapters, compressed, original, calibration)
     tokens = torch.tensor([int(t.mask[1:].sum()) for t in targets], dtype=torch.float64)
 
     def loss_fn(indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

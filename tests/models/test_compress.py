@@ -19,12 +19,13 @@ from models.compress import (
     calibrate,
     choose_bits,
     distribution_gap,
+    init_from_error,
     layer_sensitivity,
     palettize_variants,
     topk_kl,
     train_recovery_adapter,
 )
-from models.lora import LoRALinear, adapters_disabled
+from models.lora import LoRALinear, adapters_disabled, apply_lora
 from models.palette import palette_bits
 from models.palettize import PalettizedLinear, palettize_model, scheme
 from models.train import TrainConfig
@@ -233,6 +234,37 @@ def test_recovery_adapter_brings_the_palettized_model_closer_to_the_original(tin
         assert torch.equal(m.lora_B, m.lora_B.half().float()) and m.lora_B.abs().sum() > 0
     assert recovery.adapter_bytes == adapter_bytes(wrappers)
     assert recovery.adapter_bytes == 2 * sum(m.lora_A.numel() + m.lora_B.numel() for m in wrappers)
+
+
+def test_error_init_starts_the_adapter_at_the_layers_best_low_rank_correction(tiny_model):
+    """Rank r: the correction removes the top-r share of each layer's weighted error, and
+    the model starts closer to the original than the palettized base; at full rank it is
+    the original's weight exactly (up to fp32)."""
+    original = _peaked(tiny_model)
+    calibration = calibrate(original, [_ids(5)])
+    held_out = _text(4)
+    compressed = copy.deepcopy(original)
+    palettize_model(compressed, default_bits=2, calibration=calibration)
+    before = distribution_gap(original, compressed, held_out)["kl"]
+    wrappers = apply_lora(compressed, rank=4, alpha=8.0)
+    removed = init_from_error(wrappers, compressed, original, calibration)
+    assert len(removed) == len(wrappers) == 8 and all(0.0 < r < 1.0 for r in removed)
+    assert distribution_gap(original, compressed, held_out)["kl"] < before
+
+    full = copy.deepcopy(original)
+    palettize_model(full, default_bits=2, calibration=calibration)
+    wrappers = apply_lora(full, rank=64, alpha=64.0)  # ≥ every layer's smaller side
+    wide = calibrate(original, [_ids(6, rows=16)])  # more tokens than any input width
+    removed = init_from_error(wrappers, full, original, wide, damp=0.0)
+    assert all(r > 1 - 1e-9 for r in removed)
+    reference = dict(original.named_modules())
+    for name, m in full.named_modules():
+        if isinstance(m, LoRALinear):
+            torch.testing.assert_close(
+                m.effective_weight(), reference[name].effective_weight(), atol=1e-4, rtol=0
+            )
+    with pytest.raises(ValueError, match="init must be"):
+        train_recovery_adapter(full, original, held_out, TrainConfig(), init="svd")
 
 
 # ---------------------------------------------------------------------------- evaluation

@@ -159,6 +159,7 @@ def test_a_recovery_adapter_closes_part_of_the_gap_and_is_served_through_v1(
     assert adapter.relation == "adapter_of" and adapter.location == base.location
     quality = adapter.info["adapter"]["quality"]
     assert quality["after"]["kl"] < quality["before"]["kl"]  # the adapter recovers some
+    assert adapter.info["adapter"]["init"] == "error"  # the default start
     files = sorted(p.name for p in Path(adapter.params["adapter"]).iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]  # PEFT's layout
     assert len(job.data["curves"]["loss"]["value"]) == 12
