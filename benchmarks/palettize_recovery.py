@@ -2,7 +2,7 @@
 per-layer sensitivity, mixed 2/4-bit palettes at ≤ 3.5 bits per weight, and a rank-16
 accuracy-recovery adapter trained by distillation (Gunter et al. 2024, arXiv:2407.21075 §5).
 
-Steps (``models.compress``):
+Steps (``models.compress``, ``models.recovery``):
 
 1. calibration statistics from forward passes over the first ``--calib-seqs`` rows of
    AlpacaEval's GPT-4 baseline answers (instruction and answer in the chat template, cut at
@@ -60,12 +60,11 @@ from models.compress import (
     calibrate,
     choose_bits,
     distribution_gap,
-    init_from_error,
     layer_sensitivity,
     palettize_variants,
-    train_recovery_adapter,
 )
 from models.lora import apply_lora
+from models.recovery import init_from_error, train_recovery_adapter
 from models.tokenizer import Tokenizer
 from models.train import TrainConfig, pack_completions
 
@@ -146,7 +145,7 @@ def main() -> None:
         choices=("zero", "error"),
         default="zero",
         help="adapter start: B = 0, or the best rank-r fit of each layer's compression error "
-        "weighted by its calibration inputs (models.compress.init_from_error)",
+        "weighted by its calibration inputs (models.recovery.init_from_error)",
     )
     parser.add_argument("--tokens", type=int, default=3000, help="held-out answer tokens")
     parser.add_argument("--threads", type=int, default=1)

@@ -208,8 +208,9 @@ def run_recovery(job: Job) -> dict:
     by distillation from the model it was compressed from (AFM §5), registered as an adapter
     of it and served as the compressed base plus the adapter (``BuiltinBackend(adapter=)``)."""
     from models.checkpoint import load_checkpoint
-    from models.compress import calibrate, distribution_gap, train_recovery_adapter
+    from models.compress import calibrate, distribution_gap
     from models.lora import save_adapter
+    from models.recovery import train_recovery_adapter
     from models.tokenizer import load_tokenizer
     from models.train import TrainConfig, pack_completions
     from suites.prompts import alpaca_eval_singles
@@ -324,9 +325,9 @@ def run_task_adapter(job: Job) -> dict:
     import torch
 
     from evalhub.posttrain import Session, _default_lr, _hash, conversations_from, training_params
-    from models.compress import ADAPTER_DTYPE, adapter_bytes
     from models.lora import apply_lora, load_adapter, save_adapter
     from models.posttrain.sft import train_sft
+    from models.recovery import ADAPTER_DTYPE, adapter_bytes
     from models.train import TrainConfig
 
     p = {**TASK_DEFAULTS, **job.params}

@@ -14,20 +14,17 @@ import torch.nn.functional as F
 from models.afm import AFM
 from models.compress import (
     LayerSensitivity,
-    adapter_bytes,
     assemble,
     calibrate,
     choose_bits,
     distribution_gap,
-    init_from_error,
     layer_sensitivity,
     palettize_variants,
-    topk_kl,
-    train_recovery_adapter,
 )
 from models.lora import LoRALinear, adapters_disabled, apply_lora
 from models.palette import palette_bits
 from models.palettize import PalettizedLinear, palettize_model, scheme
+from models.recovery import adapter_bytes, init_from_error, topk_kl, train_recovery_adapter
 from models.train import TrainConfig
 
 
