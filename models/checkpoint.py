@@ -30,6 +30,7 @@ bugs live, and it needs no model.
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 import importlib.util
@@ -37,6 +38,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -381,3 +383,42 @@ def load_checkpoint(
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
     model.rope_cos, model.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
     return model.eval()
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Sorted [start, end) address ranges this process has mapped from files, from Linux's
+    /proc/self/maps; empty where that does not exist."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/"):  # inode, path
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            ranges.append((start, end))
+    return sorted(ranges)
+
+
+def privatize_(params: Iterable[torch.Tensor]) -> int:
+    """Give each CPU tensor of ``params`` still mapped from a checkpoint file (``load_checkpoint``
+    maps fp32 weights copy-on-write) a private copy of its data, in place; returns how many.
+
+    For training: the optimizer's first in-place update would otherwise copy the mapping one
+    4 KiB page fault at a time. SmolLM2-135M, full fine-tune, 2 threads: the first AdamW step
+    took 1.45-1.9 s on the mapped weights, against 0.13 s for this copy and 0.31 s for that
+    step after it (its state allocated). Tensors already in private memory are left alone,
+    so whatever shares them keeps sharing them."""
+    ranges = _file_mappings()
+    starts = [s for s, _ in ranges]
+    copied = 0
+    with torch.no_grad():
+        for p in params:
+            if p.device.type != "cpu" or not p.numel():
+                continue
+            i = bisect.bisect_right(starts, p.data_ptr()) - 1
+            if i >= 0 and p.data_ptr() < ranges[i][1]:
+                p.data = p.data.clone()
+                copied += 1
+    return copied

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.afm import AFM
-from models.checkpoint import default_device
+from models.checkpoint import default_device, privatize_
 
 # loss_fn's result: the mean loss over the given examples, optionally with float metrics.
 LossResult = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
@@ -121,7 +121,10 @@ def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch
     """AdamW with weight decay on parameters of two or more dimensions only; torch's fused
     kernel where every parameter allows it (floating point, on CPU or CUDA): one pass over
     each tensor instead of a dozen. SmolLM2-135M, full fine-tune, one CPU thread: 0.07 s a
-    step against 0.56-0.78 s for the default multi-tensor path, the same update to rounding."""
+    step against 0.56-0.78 s for the default multi-tensor path, the same update to rounding.
+    Parameters still mapped from a checkpoint file get a private copy first
+    (``models.checkpoint.privatize_``): the updates are in place."""
+    privatize_(params)
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     groups = [

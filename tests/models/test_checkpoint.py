@@ -16,6 +16,7 @@ from models.checkpoint import (
     CheckpointError,
     import_checkpoint,
     load_checkpoint,
+    privatize_,
     read_config,
     save_checkpoint,
     sha256_file,
@@ -243,3 +244,20 @@ def test_an_exported_hugging_face_directory_reads_back_to_the_same_weights(tmp_p
     assert back.keys() == model.state_dict().keys()
     for name, tensor in model.state_dict().items():
         assert torch.equal(back[name], tensor), name
+
+
+def test_privatize_copies_mapped_weights_once_leaving_the_file(tiny_checkpoint, tiny_model):
+    model = load_checkpoint(tiny_checkpoint)
+    weights = (tiny_checkpoint / "model.safetensors").read_bytes()
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    assert privatize_(params) == len(params)  # every fp32 weight was mapped from the file
+    assert privatize_(params) == 0  # now private: nothing left to copy
+    assert privatize_(tiny_model.parameters()) == 0  # built in memory: never mapped
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    assert (tiny_checkpoint / "model.safetensors").read_bytes() == weights
+    fresh = load_checkpoint(tiny_checkpoint)
+    assert all(torch.equal(p, b) for p, b in zip(fresh.parameters(), before, strict=True))
