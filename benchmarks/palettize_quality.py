@@ -63,8 +63,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.afm import AFM  # noqa: E402
-from models.checkpoint import import_checkpoint, load_checkpoint, save_palettized  # noqa: E402
+from models.checkpoint import load_checkpoint, save_palettized  # noqa: E402
 from models.compress import calibrate  # noqa: E402
+from models.formats import import_checkpoint  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.linear import Linear  # noqa: E402
 from models.palettize import palettize_model, scheme  # noqa: E402

@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.palettize_quality import ALPACA, GGUF_NAME, conversations, package_dir
-from models.checkpoint import import_checkpoint, load_checkpoint
+from models.checkpoint import load_checkpoint
 from models.compress import (
     TextBatch,
     assemble,
@@ -63,6 +63,7 @@ from models.compress import (
     layer_sensitivity,
     palettize_variants,
 )
+from models.formats import import_checkpoint
 from models.lora import apply_lora
 from models.recovery import init_from_error, train_recovery_adapter
 from models.tokenizer import Tokenizer

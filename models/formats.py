@@ -1,10 +1,15 @@
 """Foreign weight formats: GGUF files and Hugging Face Llama directories, read into AFM state
-dicts for ``models.checkpoint.import_checkpoint``, and AFM written back as a Llama directory.
+dicts and imported as EvalHub checkpoints (``import_checkpoint``), and AFM written back as a
+Llama directory.
 
 GGUF weights are read with the ``gguf`` package (``GGUFReader`` memory-maps the file and
 ``gguf.quants.dequantize`` expands Q4_0/Q4_1/Q8_0/K-quants to fp32): about a second for
 SmolLM2-135M, against ~16 s for transformers' GGUF path, which also needs ``accelerate`` and
 builds a whole model we would throw away.
+
+A GGUF file's tokenizer goes through transformers' GGUF tokenizer converter: rebuilding a
+byte-level BPE (pre-tokenizer regexes, added tokens, chat template) by hand is where subtle
+bugs live, and it needs no model.
 
 llama.cpp's converter permutes the rows of q and k so that RoPE rotates interleaved pairs;
 this model rotates halves (Hugging Face layout), so ``unpermute_qk`` undoes it. The SmolLM2
@@ -13,8 +18,10 @@ parity test against transformers checks this on real weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +30,18 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from models.afm import AFM, AFMConfig
-from models.checkpoint import CONFIG, WEIGHTS, CheckpointError, copy_tokenizer, read_safetensors
+from models.checkpoint import (
+    CONFIG,
+    FORMAT,
+    WEIGHTS,
+    CheckpointError,
+    copy_tokenizer,
+    load_checkpoint,
+    read_safetensors,
+    save_checkpoint,
+    sha256_file,
+    utc_now,
+)
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -242,3 +260,93 @@ def export_hf(model: AFM, dst: str | os.PathLike, tokenizer_from: str | os.PathL
         copy_tokenizer(tokenizer_from, dst)
     (dst / CONFIG).write_text(json.dumps(hf_llama_config(model.cfg), indent=2) + "\n")
     return dst
+
+
+# ------------------------------------------------------------------------------ import
+def _detect(src: Path) -> str:
+    if src.is_dir():
+        if (src / "config.json").is_file() and (src / WEIGHTS).is_file() and _is_ours(src):
+            return "evalhub"
+        if (src / "config.json").is_file():
+            return "hf"
+        raise CheckpointError(f"{src}: directory has no config.json")
+    if not src.is_file():
+        raise CheckpointError(f"{src}: no such file or directory")
+    with open(src, "rb") as f:
+        if f.read(4) == b"GGUF":
+            return "gguf"
+    raise CheckpointError(f"{src}: neither a GGUF file (magic 'GGUF') nor a model directory")
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def import_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, *, progress: bool = True
+) -> Path:
+    """Import a GGUF file or a Hugging Face Llama directory into an EvalHub checkpoint at dst.
+
+    Writes into a sibling temporary directory and renames it into place, so an interrupted
+    import never leaves a half-written checkpoint at ``dst``. Raises CheckpointError.
+    """
+    src, dst = Path(src).resolve(), Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"{dst}: already exists; refusing to overwrite")
+    kind = _detect(src)
+    if kind == "evalhub":
+        raise CheckpointError(f"{src}: already an EvalHub checkpoint; copy it instead")
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    steps = tqdm(total=4, desc=f"importing {src.name}", disable=not progress)
+    try:
+        if kind == "gguf":
+            cfg, sd = read_gguf(src, progress)
+            digest = sha256_file(src)
+        else:
+            cfg = read_hf_config(src)
+            sd = read_hf_state_dict(src, cfg)
+            # A directory's digest: sha256 over the sorted per-file digests of its weights.
+            digest = hashlib.sha256(
+                b"".join(sha256_file(f).encode() for f in sorted(src.glob("*.safetensors")))
+            ).hexdigest()
+        steps.update()
+        provenance = {
+            "source": str(src),
+            "source_format": kind,
+            "source_sha256": digest,
+            "imported_at": utc_now(),
+        }
+        save_checkpoint(tmp, cfg, sd, provenance)
+        steps.update()
+        _save_tokenizer(src, kind, tmp)
+        steps.update()
+        load_checkpoint(tmp)  # refuse to publish a checkpoint that does not load
+        tmp.rename(dst)
+        steps.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        steps.close()
+    return dst
+
+
+def _save_tokenizer(src: Path, kind: str, dst: Path) -> None:
+    """Write the source's own tokenizer (tokenizer.json, tokenizer_config.json, chat
+    template) into dst, converting a GGUF vocabulary with transformers."""
+    from transformers import AutoTokenizer
+
+    try:
+        if kind == "gguf":
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(src)
+        tok.save_pretrained(dst)
+    except Exception as e:  # transformers raises many types for unsupported tokenizers
+        raise CheckpointError(
+            f"{src}: cannot import its tokenizer ({type(e).__name__}: {e})"
+        ) from e

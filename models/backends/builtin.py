@@ -21,7 +21,7 @@ from models.tokenizer import load_tokenizer
 
 
 class BuiltinBackend(TokenBackend):
-    """``location`` is a checkpoint directory written by ``models.checkpoint.import_checkpoint``.
+    """``location`` is a checkpoint directory written by ``models.formats.import_checkpoint``.
 
     batch_size: prompts (or scored pairs) per forward pass. Prompts are sorted by length first
         so a batch pads little; results come back in input order.

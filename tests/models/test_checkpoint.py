@@ -14,7 +14,6 @@ import torch
 from models.afm import AFM, config_from_preset
 from models.checkpoint import (
     CheckpointError,
-    import_checkpoint,
     load_checkpoint,
     privatize_,
     read_config,
@@ -22,7 +21,7 @@ from models.checkpoint import (
     sha256_file,
     source_commit,
 )
-from models.formats import unpermute_qk
+from models.formats import import_checkpoint, unpermute_qk
 from models.linear import TiedHead
 
 
