@@ -23,16 +23,19 @@ builtin engine, and how big its checkpoint is (issue 18, speed goals).
 3. Checkpoint size: ``models.checkpoint.save_palettized`` of the decoding model against the
    dense fp32 ``model.safetensors``.
 
-llama.cpp on the shipped Q4_1 file is not run: llama-cpp-python builds from source here in
-about 9 minutes (DATA.md), so it is left to a machine that has it (``--llama-cpp`` times it
-when ``llama_cpp`` imports).
+   With ``--llama-cpp``: llama.cpp (through llama-cpp-python, which builds from source, ~9-15
+   min here: ``pip install llama-cpp-python``) decoding the shipped Q4_1 GGUF itself, the
+   same prompt tokens, greedy, the same number of new tokens (no stop on EOS), the same
+   threads, alternated with the other two in the single-stream rounds. Q4_1 keeps an fp16
+   scale and minimum per 32 weights: 5.0 bits per weight read per token, against 4.02 for
+   the palettized model (the embedding is Q4_1 too; llama.cpp's output head reads it).
 
     .venv/bin/python benchmarks/palettize_speed.py [--calib-seqs 16] [--rounds 1]
-        [--repeats 3] [--decode-tokens 128] [--threads 2] [--no-coreml]
+        [--repeats 3] [--decode-tokens 128] [--threads 2] [--no-coreml] [--llama-cpp]
 
 Last line:
     speedup_vs_coreml=… speedup_plain=… speedup_calibrated=… decode_speedup_vs_fp32=…
-    batch8_speedup_vs_fp32=… file_mb=… dense_mb=…
+    batch8_speedup_vs_fp32=… file_mb=… dense_mb=… [decode_vs_llama_cpp=…]
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ from benchmarks.palettize_quality import (  # noqa: E402
 )
 from models import lut  # noqa: E402
 from models.afm import AFM  # noqa: E402
-from models.checkpoint import import_checkpoint, load_checkpoint, save_palettized  # noqa: E402
+from models.checkpoint import load_checkpoint, save_palettized  # noqa: E402
 from models.compress import calibrate  # noqa: E402
+from models.formats import import_checkpoint  # noqa: E402
 from models.generate import generate  # noqa: E402
 from models.palettize import palettize_model, scheme  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
@@ -123,6 +127,29 @@ def decode_seconds(model: AFM, prompts: list[list[int]], new_tokens: int) -> flo
     return seconds
 
 
+class LlamaCpp:
+    """llama.cpp on the GGUF file, decoding like ``decode_seconds``: prompt pass, then greedy
+    tokens until ``new_tokens`` (EOS does not stop it)."""
+
+    def __init__(self, gguf: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+            verbose=False,
+        )  # fmt: skip
+
+    def decode_seconds(self, prompt: list[int], new_tokens: int) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        out = []
+        for token in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == new_tokens:
+                break
+        return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-seqs", type=int, default=16, help="calibration rows")
@@ -132,6 +159,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-coreml", action="store_true", help="only decoding and size")
+    parser.add_argument("--llama-cpp", action="store_true", help="decode with llama.cpp too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)  # coremltools logs a line per layer and per sample
@@ -179,13 +207,19 @@ def main() -> None:
     ]
     rates: dict[str, list[float]] = {}
     fp32.prepack(1), model.prepack(1)
+    llama = LlamaCpp(src, args.threads) if args.llama_cpp else None
     with torch.inference_mode():
         for m in (fp32, model):
             generate(m, prompts[:1], max_new_tokens=4)  # warm: packs, kernel tables
+        if llama is not None:
+            llama.decode_seconds(prompts[0], 4)
         for _ in range(args.repeats):
             for name, m in (("fp32", fp32), ("palettized", model)):
                 s = decode_seconds(m, prompts[:1], args.decode_tokens)
                 rates.setdefault(f"{name} 1", []).append(args.decode_tokens / s)
+            if llama is not None:
+                s = llama.decode_seconds(prompts[0], args.decode_tokens)
+                rates.setdefault("llama.cpp Q4_1 1", []).append(args.decode_tokens / s)
         fp32.prepack(8), model.prepack(8)
         for _ in range(args.repeats):
             for name, m in (("fp32", fp32), ("palettized", model)):
@@ -207,6 +241,11 @@ def main() -> None:
         f"decode_speedup_vs_fp32={rate['palettized 1'] / rate['fp32 1']:.2f} "
         f"batch8_speedup_vs_fp32={rate['palettized 8'] / rate['fp32 8']:.2f} "
         f"file_mb={file_mb:.1f} dense_mb={dense_mb:.1f}"
+        + (
+            f" decode_vs_llama_cpp={rate['palettized 1'] / rate['llama.cpp Q4_1 1']:.2f}"
+            if llama is not None
+            else ""
+        )
     )
 
 
