@@ -13,6 +13,7 @@
    arithmetic (correct, slower: the caller measures before choosing this path). */
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -82,6 +83,89 @@ static inline void row_block(const float *x, int64_t K, const uint8_t *row, int6
         if (pair) y[r * N + o + 1] = s1;
     }
 }
+
+/* Decoding (one row of x): 16 bytes of a row per step, 32 indices at 4 bits or 64 at 2,
+   instead of 16. The bytes are broadcast to the four 128-bit lanes and lane j shifts its
+   dword (j mod 4) right by 8·(j / 4) + bits·f for field f of the byte: one table permute per
+   field then yields 16 weights, in an order that x is rearranged into once per call
+   (``lanes_of``). No index permute (half the shuffle-port work of the path above) and one
+   independent FMA chain per field and weight row. One thread, 3072×576, against the path
+   above: 1.30× (4-bit) and 1.14× (2-bit) with the matrix in cache, 1.23× and 1.08× streaming
+   60 of them (53 MB); SmolLM2 4-bit decoding 35.7 -> 37.6 tokens/s, where the rest of a step
+   and memory bandwidth dominate. */
+static inline int64_t lane_source(int j, int f, int bits) {
+    return (8 / bits) * (4 * (j % 4) + j / 4) + f;
+}
+
+static void lanes_of(const float *x, int64_t K, int bits, float *xs) {
+    const int per = 8 / bits, step = 16 * per;
+    for (int64_t c = 0; c + step <= K; c += step)
+        for (int f = 0; f < per; f++)
+            for (int j = 0; j < 16; j++) xs[c + 16 * f + j] = x[c + lane_source(j, f, bits)];
+}
+
+static inline void gemv_pair(const float *x, const float *xs, int64_t K, const uint8_t *row,
+                             int64_t row_bytes, const float *table, float *y, int64_t o,
+                             const int bits, const int pair) {
+    const int per = 8 / bits, step = 16 * per;
+    const __m512i base = _mm512_set_epi32(24, 24, 24, 24, 16, 16, 16, 16,
+                                          8, 8, 8, 8, 0, 0, 0, 0);
+    const __m512 lut = _mm512_loadu_ps(table);
+    const uint8_t *row1 = row + row_bytes;
+    __m512 acc0[4], acc1[4];
+    for (int f = 0; f < per; f++) acc0[f] = acc1[f] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + step <= K; i += step) {
+        const int64_t at = i * bits / 8;
+        __m512i v0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(row + at)));
+        __m512i v1 = pair ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(row1 + at)))
+                          : v0;
+        for (int f = 0; f < per; f++) {
+            const __m512i shift = _mm512_add_epi32(base, _mm512_set1_epi32(bits * f));
+            const __m512 xf = _mm512_loadu_ps(xs + i + 16 * f);
+            acc0[f] = _mm512_fmadd_ps(
+                _mm512_permutexvar_ps(_mm512_srlv_epi32(v0, shift), lut), xf, acc0[f]);
+            if (pair)
+                acc1[f] = _mm512_fmadd_ps(
+                    _mm512_permutexvar_ps(_mm512_srlv_epi32(v1, shift), lut), xf, acc1[f]);
+        }
+    }
+    for (int f = 1; f < per; f++) {
+        acc0[0] = _mm512_add_ps(acc0[0], acc0[f]);
+        acc1[0] = _mm512_add_ps(acc1[0], acc1[f]);
+    }
+    float s0 = _mm512_reduce_add_ps(acc0[0]), s1 = _mm512_reduce_add_ps(acc1[0]);
+    for (int64_t j = i; j < K; j++) {
+        s0 += table_entry(table, row, j, bits) * x[j];
+        if (pair) s1 += table_entry(table, row1, j, bits) * x[j];
+    }
+    y[o] = s0;
+    if (pair) y[o + 1] = s1;
+}
+
+/* y (1, N) for one row x through gemv_pair. The width is a literal at each call, so every
+   call inlines with its loops unrolled (inside the OpenMP-outlined loop a parameter would
+   not be a constant). */
+#define GEMV_PAIR(B, PAIR)                                                                  \
+    gemv_pair(x, xs, K, packed + o * row_bytes, row_bytes, tables + (o / group) * 16, y, o, \
+              B, PAIR)
+
+static void gemv(const float *x, const float *xs, int64_t K, const uint8_t *packed,
+                 int64_t row_bytes, const float *tables, int64_t N, int64_t group, int bits,
+                 float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < N / 2; p++) {
+        int64_t o = 2 * p;
+        if (bits == 4) GEMV_PAIR(4, 1);
+        else GEMV_PAIR(2, 1);
+    }
+    if (N % 2) {
+        int64_t o = N - 1;
+        if (bits == 4) GEMV_PAIR(4, 0);
+        else GEMV_PAIR(2, 0);
+    }
+}
+#undef GEMV_PAIR
 #else
 static inline void row_block(const float *x, int64_t K, const uint8_t *row, int64_t row_bytes,
                              const float *table, int bits, float *y, int64_t N, int64_t o,
@@ -123,6 +207,15 @@ int lut_linear(const float *x, int64_t n, int64_t K, const uint8_t *packed, int6
     if (bits != 2 && bits != 4) return -1;
     if (group % 2) return -1;
     int64_t pairs = N / 2;
+#ifdef __AVX512F__
+    float *xs = n == 1 && K >= 16 * 8 / bits ? malloc((size_t)K * sizeof(float)) : NULL;
+    if (xs != NULL) {
+        lanes_of(x, K, bits, xs);
+        gemv(x, xs, K, packed, row_bytes, tables, N, group, bits, y, threads);
+        free(xs);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t p = 0; p < pairs; p++) {
         int64_t o = 2 * p;

@@ -23,7 +23,7 @@ def random_palette(rows: int, cols: int, bits: int, seed: int):
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize(("rows", "cols"), [(33, 40), (16, 16), (96, 576), (7, 3)])
+@pytest.mark.parametrize(("rows", "cols"), [(33, 40), (16, 16), (96, 576), (7, 3), (33, 100)])
 @pytest.mark.parametrize("n", [1, 3, 8, 11])
 def test_kernel_equals_the_dequantized_matmul(bits, rows, cols, n):
     """Every width, odd row counts (a short last group, an unpaired last row), widths that
