@@ -4,7 +4,7 @@
     python -m suites.safety.validate --train-probe  # fit the SmolLM2 probe's harm head
     python -m suites.safety.validate --write   # score judges on the test split, write
                                                # agreement.json and print the README table
-                                               # (the probe runs SmolLM2 on 639 rows: ~4 min)
+                                               # (the probe runs SmolLM2 on the 554 distinct of 639 rows)
     python -m suites.safety.validate --rubric CHECKPOINT --sample 20 --write
         # the StrongREJECT-rubric LLM judge run by a model (an EvalHub checkpoint directory,
         # or a .gguf/HF directory run by transformers) on a seeded sample of each task's
@@ -44,22 +44,30 @@ class HarmBenchSubstringJudge:
 
 
 def verdicts(judge: Judge, rows: Sequence[Labelled]) -> list[Verdict]:
+    """The judge's verdict on each row, each distinct (prompt, response) judged once: the
+    tasks' test splits share rows (554 distinct of 639 for the three), and a model judge's
+    pass is the cost."""
+    pairs = list(dict.fromkeys((r.prompt, r.response) for r in rows))
     predict = getattr(judge, "predict", None)
     if predict is not None:  # batch judges embed everything in one pass
-        return list(predict([r.prompt for r in rows], [r.response for r in rows]))
-    return [judge.judge(r.prompt, r.response) for r in rows]
+        judged = list(predict([p for p, _ in pairs], [r for _, r in pairs]))
+    else:
+        judged = [judge.judge(p, r) for p, r in pairs]
+    verdict = dict(zip(pairs, judged, strict=True))
+    return [verdict[r.prompt, r.response] for r in rows]
 
 
 def evaluate(judge: Judge, split: str = "test", sample: int | None = None) -> dict[str, Any]:
     """task -> {"all": metrics, category: metrics, ...} on one split; with `sample`, on that
     many rows per task drawn with a fixed seed (`sampled`). Verdicts whose reason says
     "unparseable" (LLM judges) are counted in "all"'s `unparseable`."""
+    rows = {task: sampled(load_split(task, split), sample) for task in TASKS}
+    judged = iter(verdicts(judge, [r for task in TASKS for r in rows[task]]))
     out = {}
     for task in TASKS:
-        rows = sampled(load_split(task, split), sample)
-        judged = verdicts(judge, rows)
-        out[task] = per_category(rows, [getattr(v, FIELD[task]) for v in judged])
-        out[task]["all"]["unparseable"] = sum(v.reason == "unparseable" for v in judged)
+        mine = [next(judged) for _ in rows[task]]
+        out[task] = per_category(rows[task], [getattr(v, FIELD[task]) for v in mine])
+        out[task]["all"]["unparseable"] = sum(v.reason == "unparseable" for v in mine)
     return out
 
 
