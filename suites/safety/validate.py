@@ -4,7 +4,7 @@
     python -m suites.safety.validate --train-probe  # fit the SmolLM2 probe's harm head
     python -m suites.safety.validate --write   # score judges on the test split, write
                                                # agreement.json and print the README table
-                                               # (the probe runs SmolLM2 on the 554 distinct of 639 rows)
+                                               # (the probe: SmolLM2 on 554 distinct rows of 639)
     python -m suites.safety.validate --rubric CHECKPOINT --sample 20 --write
         # the StrongREJECT-rubric LLM judge run by a model (an EvalHub checkpoint directory,
         # or a .gguf/HF directory run by transformers) on a seeded sample of each task's
