@@ -140,12 +140,10 @@ class LlamaCpp:
         )  # fmt: skip
 
     def decode_seconds(self, prompt: list[int], new_tokens: int) -> float:
-        self.llm.reset()
         start = time.perf_counter()
-        out = []
-        for token in self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True):
-            out.append(token)
-            if len(out) == new_tokens:
+        tokens = self.llm.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True)
+        for made, _ in enumerate(tokens, 1):
+            if made == new_tokens:
                 break
         return time.perf_counter() - start
 

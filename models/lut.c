@@ -143,29 +143,6 @@ static inline void gemv_pair(const float *x, const float *xs, int64_t K, const u
     if (pair) y[o + 1] = s1;
 }
 
-/* y (1, N) for one row x through gemv_pair. The width is a literal at each call, so every
-   call inlines with its loops unrolled (inside the OpenMP-outlined loop a parameter would
-   not be a constant). */
-#define GEMV_PAIR(B, PAIR)                                                                  \
-    gemv_pair(x, xs, K, packed + o * row_bytes, row_bytes, tables + (o / group) * 16, y, o, \
-              B, PAIR)
-
-static void gemv(const float *x, const float *xs, int64_t K, const uint8_t *packed,
-                 int64_t row_bytes, const float *tables, int64_t N, int64_t group, int bits,
-                 float *y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < N / 2; p++) {
-        int64_t o = 2 * p;
-        if (bits == 4) GEMV_PAIR(4, 1);
-        else GEMV_PAIR(2, 1);
-    }
-    if (N % 2) {
-        int64_t o = N - 1;
-        if (bits == 4) GEMV_PAIR(4, 0);
-        else GEMV_PAIR(2, 0);
-    }
-}
-#undef GEMV_PAIR
 #else
 static inline void row_block(const float *x, int64_t K, const uint8_t *row, int64_t row_bytes,
                              const float *table, int bits, float *y, int64_t N, int64_t o,
@@ -201,32 +178,44 @@ static inline void rows_of(const float *x, int64_t n, int64_t K, const uint8_t *
 #undef BLOCK
 }
 
+/* Output rows o and, with pair, o + 1 for every row of x: the one-row path where x was
+   rearranged into xs, else row blocks. The width and pair are literals at each inlined call,
+   so the loops unroll (inside the OpenMP-outlined loop a parameter would not be a constant). */
+static inline void output_rows(const float *x, const float *xs, int64_t n, int64_t K,
+                               const uint8_t *row, int64_t row_bytes, const float *table,
+                               int bits, float *y, int64_t N, int64_t o, const int pair) {
+#ifdef __AVX512F__
+    if (xs != NULL) {
+        if (bits == 4) gemv_pair(x, xs, K, row, row_bytes, table, y, o, 4, pair);
+        else gemv_pair(x, xs, K, row, row_bytes, table, y, o, 2, pair);
+        return;
+    }
+#endif
+    rows_of(x, n, K, row, row_bytes, table, bits, y, N, o, pair);
+}
+
 /* The exported entry point: returns 0, or -1 for a width it does not take. */
 int lut_linear(const float *x, int64_t n, int64_t K, const uint8_t *packed, int64_t row_bytes,
                const float *tables, int64_t N, int64_t group, int bits, float *y, int threads) {
     if (bits != 2 && bits != 4) return -1;
     if (group % 2) return -1;
-    int64_t pairs = N / 2;
+    float *xs = NULL; /* x rearranged for the one-row path; NULL: row blocks */
 #ifdef __AVX512F__
-    float *xs = n == 1 && K >= 16 * 8 / bits ? malloc((size_t)K * sizeof(float)) : NULL;
-    if (xs != NULL) {
-        lanes_of(x, K, bits, xs);
-        gemv(x, xs, K, packed, row_bytes, tables, N, group, bits, y, threads);
-        free(xs);
-        return 0;
-    }
+    if (n == 1 && K >= 16 * 8 / bits) xs = malloc((size_t)K * sizeof(float));
+    if (xs != NULL) lanes_of(x, K, bits, xs);
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < pairs; p++) {
+    for (int64_t p = 0; p < N / 2; p++) {
         int64_t o = 2 * p;
-        rows_of(x, n, K, packed + o * row_bytes, row_bytes, tables + (o / group) * 16, bits, y,
-                N, o, 1);
+        output_rows(x, xs, n, K, packed + o * row_bytes, row_bytes, tables + (o / group) * 16,
+                    bits, y, N, o, 1);
     }
     if (N % 2) {
         int64_t o = N - 1;
-        rows_of(x, n, K, packed + o * row_bytes, row_bytes, tables + (o / group) * 16, bits, y,
-                N, o, 0);
+        output_rows(x, xs, n, K, packed + o * row_bytes, row_bytes, tables + (o / group) * 16,
+                    bits, y, N, o, 0);
     }
+    free(xs);
     return 0;
 }
 
